@@ -105,7 +105,11 @@ def make_ours(method: str, model: ZooModel, n_small: int):
         "moco": {"proj_hidden_dim": 512, "proj_dim": 128, "queue_length": 4096, "momentum": 0.99},
         "byol": {"proj_hidden_dim": 1024, "proj_dim": 256, "pred_hidden_dim": 1024, "tau_base": 0.99},
         "swav": {"num_prototypes": 30, "proj_hidden_dim": 512, "proj_dim": 128, "n_small_crops": n_small},
+        # the same work as lightly's step: one encoder + projector pass per crop
+        "swav_per_crop": {"num_prototypes": 30, "proj_hidden_dim": 512, "proj_dim": 128, "n_small_crops": n_small,
+                          "crop_batching": "crop"},
     }[method]
+    method = method.removesuffix("_per_crop")
     return get_method(method)(model, **kwargs)
 
 
@@ -113,7 +117,7 @@ def bench(method: str, args) -> dict:
     torch.manual_seed(0)
     aug = ViewAugment(AugmentConfig(size=args.size))
     images = torch.rand(args.batch, 3, args.size, args.size)
-    n_small = 2 if method == "swav" else 0
+    n_small = 2 if method.startswith("swav") else 0
 
     ours = make_ours(method, ZooModel(args.backbone, {}), n_small).train()
     ours_opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-3)
@@ -131,12 +135,12 @@ def bench(method: str, args) -> dict:
         ctx.step += 1
 
     lb = ZooModel(args.backbone, {}).backbone.train()
-    l_fn, l_params = lightly_step_fn(method, lb, lb.num_features, n_small)
+    l_fn, l_params = lightly_step_fn(method.removesuffix("_per_crop"), lb, lb.num_features, n_small)
     l_opt = torch.optim.AdamW(l_params, lr=1e-3)
     lgen = torch.Generator().manual_seed(0)
 
     def lightly_step():
-        if method == "swav":
+        if method.startswith("swav"):
             views = aug.multi_crop(images, lgen, n_large=2, n_small=n_small)
         else:
             views = aug.views(images, lgen, 2)
@@ -161,14 +165,26 @@ def bench(method: str, args) -> dict:
             cpu[name].append((time.process_time() - start_cpu) / args.steps)
     ours_t, lightly_t = statistics.median(wall["ours"]), statistics.median(wall["lightly"])
     ours_c, lightly_c = statistics.median(cpu["ours"]), statistics.median(cpu["lightly"])
+    low, high = paired_ratio_interval(wall["lightly"], wall["ours"])
     return {"method": method, "ours_img_s": args.batch / ours_t, "lightly_img_s": args.batch / lightly_t,
-            "ratio": lightly_t / ours_t, "cpu_ratio": lightly_c / ours_c, "ours_step_s": ours_t,
-            "lightly_step_s": lightly_t, "ours_cpu_s": ours_c, "lightly_cpu_s": lightly_c}
+            "ratio": lightly_t / ours_t, "ratio_ci95": [low, high], "cpu_ratio": lightly_c / ours_c,
+            "ours_step_s": ours_t, "lightly_step_s": lightly_t, "ours_cpu_s": ours_c, "lightly_cpu_s": lightly_c}
+
+
+def paired_ratio_interval(lightly: list[float], ours: list[float], n_boot: int = 2000) -> tuple[float, float]:
+    """95 % bootstrap interval of the median per-round ratio lightly / ours (rounds are paired: the
+    two sides of a round ran back to back, so machine load hits both alike)."""
+    import numpy as np
+
+    ratios = np.asarray(lightly) / np.asarray(ours)
+    rng = np.random.default_rng(0)
+    boots = np.median(rng.choice(ratios, size=(n_boot, len(ratios)), replace=True), axis=1)
+    return float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="simclr,moco,byol,swav")
+    parser.add_argument("--methods", default="simclr,moco,byol,swav,swav_per_crop")
     parser.add_argument("--backbone", default="convnet")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=128)
@@ -179,11 +195,12 @@ def main() -> None:
     args = parser.parse_args()
     rows = [bench(m, args) for m in args.methods.split(",")]
     print(f"backbone={args.backbone} size={args.size} batch={args.batch} device=cpu threads={torch.get_num_threads()}")
-    print("| method | ours img/s | lightly img/s | ours / lightly (wall) | ours / lightly (CPU time) |")
-    print("|---|---|---|---|---|")
+    print("| method | ours img/s | lightly img/s | ours / lightly (wall) | 95 % interval | ours / lightly (CPU time) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
+        low, high = r["ratio_ci95"]
         print(f"| {r['method']} | {r['ours_img_s']:.1f} | {r['lightly_img_s']:.1f} | {r['ratio']:.2f} "
-              f"| {r['cpu_ratio']:.2f} |")
+              f"| {low:.2f}-{high:.2f} | {r['cpu_ratio']:.2f} |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"args": vars(args), "platform": platform.platform(),
                                            "torch": torch.__version__, "rows": rows}, indent=2))

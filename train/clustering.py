@@ -9,6 +9,10 @@
   ``(seed, epoch)`` so a resumed run clusters exactly as the uninterrupted one.
 - :func:`resize_buffers_to_state`: per-sample buffers (pseudo-labels ``[N]``) are sized lazily at
   ``on_train_start``; a checkpoint may be loaded before that, so loading resizes them first.
+
+Under DDP :func:`embed_dataset` embeds one shard of the training set per rank and gathers the features
+on every rank; k-means then runs on every rank on the same features and ``_broadcast`` makes rank 0's
+pseudo-labels everyone's (floating-point reductions may differ across devices).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from train.distributed import gather_dataset, is_distributed
 from zoo.eval.cluster import kmeans
 
 __all__ = [
@@ -63,7 +68,8 @@ def embed_dataset(
     batch ``[B,3,H,W]`` to ``[B,D]``; ``module`` (default: ``model_or_fn`` when it is a module) is
     put in eval mode for the pass (BN uses running statistics, nothing is updated) and each of its
     submodules gets its previous train/eval mode back afterwards. ``normalize`` L2-normalises rows.
-    Consumes no random numbers.
+    Consumes no random numbers. Under DDP each rank embeds its shard (``iterate_dataset(shard=True)``)
+    and the features are gathered, so every rank returns the whole ``[N,D]``.
     """
     if ctx.iterate_dataset is None:
         raise ValueError("embed_dataset needs ctx.iterate_dataset (the trainer provides it)")
@@ -75,7 +81,7 @@ def embed_dataset(
     feats: list[torch.Tensor] = []
     order: list[torch.Tensor] = []
     try:
-        for images, idx in ctx.iterate_dataset():
+        for images, idx in iterate_shard(ctx):
             feats.append(model_or_fn(_prepare(images, ctx)).float().cpu())
             order.append(torch.as_tensor(idx).long().cpu())
     finally:
@@ -84,9 +90,20 @@ def embed_dataset(
     if not feats:
         raise ValueError("ctx.iterate_dataset() yielded no images")
     x, idx = torch.cat(feats), torch.cat(order)
-    out = torch.empty_like(x)
-    out[idx] = x  # index order, whatever order the iterator used
+    if is_distributed():
+        out = gather_dataset(x, idx, ctx.dataset_size)
+    else:
+        out = torch.empty_like(x)
+        out[idx] = x  # index order, whatever order the iterator used
     return F.normalize(out, dim=1) if normalize else out
+
+
+def iterate_shard(ctx: Any, batch_size: int | None = None) -> Any:
+    """``ctx.iterate_dataset``: this rank's shard under DDP (the caller gathers), everything otherwise."""
+    kwargs: dict[str, Any] = {} if batch_size is None else {"batch_size": batch_size}
+    if is_distributed():
+        kwargs["shard"] = True
+    return ctx.iterate_dataset(**kwargs)
 
 
 def pca_whiten(x: torch.Tensor, dim: int, eps: float = 1e-5) -> torch.Tensor:

@@ -12,7 +12,9 @@ columns and rows (Cuturi, NeurIPS 2013). SeLa (Asano et al., ICLR 2020) writes i
 
 Distributed-ready: the rows of ``scores`` may be one rank's shard of a larger problem; the
 column sums and the sample count go through :func:`_all_reduce_sum` / :func:`_all_reduce_max`,
-which are the identity unless ``torch.distributed`` is initialised.
+which are the identity unless ``torch.distributed`` is initialised. Every rank must call with its
+own rows (the same K), as SwAV's batch codes and SeLa's sharded label step do; ``tests/test_distributed.py``
+checks that two ranks with half the rows each get exactly the rows of the one-process solution.
 """
 
 from __future__ import annotations
@@ -26,9 +28,14 @@ def _distributed() -> bool:
 
 
 def _all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
-    """``op`` (SUM, MAX) of ``t`` over all ranks (a new tensor); ``t`` itself when not distributed."""
+    """``op`` (SUM, MAX) of ``t`` over all ranks (a new tensor); ``t`` itself when not distributed.
+    NCCL reduces CUDA tensors only: a CPU tensor travels through the current CUDA device."""
     if not _distributed():
         return t
+    if dist.get_backend() == "nccl" and t.device.type != "cuda":
+        buf = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(buf, op=op)
+        return buf.to(t.device)
     t = t.clone()
     dist.all_reduce(t, op=op)
     return t

@@ -4,17 +4,30 @@ Deterministic by seed and resumable to the bit on CPU: the epoch's sample order 
 function of (seed, epoch), augmentation draws from a generator whose state is checkpointed,
 and the learning rate is a pure function of the step. Checkpoints are safetensors (no pickle),
 written atomically every ``ckpt_every`` steps, keeping the last ``keep_checkpoints``.
+
+Beyond one process (``train/distributed.py``): under torchrun each rank takes its slice of every
+global batch (``batch_size`` is the global batch), draws the same random numbers as one process
+would for the global batch, steps through DistributedDataParallel, and only rank 0 writes
+checkpoints, logs and the model. ``resume="auto"`` continues from the last checkpoint when torchrun
+restarted the workers (``--max-restarts``).
+
+GPU speed paths (``amp: bf16``, ``channels_last``, ``torch_compile``, ``pin_memory``,
+``loader_workers``) are small and were not run on a GPU here: treat them as untested on GPUs (AMP
+bf16 and channels_last also run on the CPU and are smoke-tested there; loader workers are tested to
+give the same run).
 """
 
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import math
 import os
 import random
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,7 +38,8 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from train.augment import AugmentConfig, ViewAugment
+from train import distributed
+from train.augment import AugmentConfig, ViewAugment, per_sample_shard
 from train.methods import StepContext, get_method
 from zoo.checkpoint import CheckpointError, load_state, save_model_folder, save_state
 from zoo.model import ZooModel
@@ -43,7 +57,7 @@ class TrainConfig:
     method_kwargs: dict[str, Any] = field(default_factory=dict)
     augment: dict[str, Any] = field(default_factory=dict)
     epochs: int = 10
-    batch_size: int = 256
+    batch_size: int = 256  # the global batch: under DDP each of W ranks takes batch_size / W
     optimizer: str = "adamw"  # adamw | sgd | lars
     lr: float = 1e-3  # base rate for a global batch of 256, scaled linearly (Goyal et al. 2017)
     weight_decay: float = 1e-4
@@ -59,6 +73,13 @@ class TrainConfig:
     eval_protocols: list[str] = field(default_factory=lambda: ["knn", "linear", "kmeans"])
     expected_metrics: dict[str, float] = field(default_factory=dict)
     recipe: str | None = None
+    # Beyond one process / GPU speed paths (see the module docstring).
+    sync_bn: bool = False  # under DDP, BatchNorm statistics over the global batch
+    amp: str | None = None  # "bf16": autocast the step to bfloat16 (no loss scaling needed)
+    channels_last: bool = False  # NHWC activations (faster convolutions on tensor cores)
+    torch_compile: bool = False  # torch.compile the backbone (nn.Module.compile: state-dict keys unchanged)
+    pin_memory: bool = False  # page-locked host batches, copied to the GPU asynchronously
+    loader_workers: int = 0  # DataLoader processes decoding images ahead (files on disk; in-memory sets skip it)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
@@ -145,6 +166,11 @@ class RawImages:
         return torch.stack([self.dataset[int(i)][0] for i in indices])
 
 
+def _stack_images(items: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """DataLoader collate: the raw images of ``(image, label)`` items as one ``[B,3,H,W]`` batch."""
+    return torch.stack([image for image, _ in items])
+
+
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     """The sample order of an epoch: depends only on (seed, epoch), so a resume sees the same order."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -158,8 +184,15 @@ class Trainer:
 
         self.cfg = cfg
         self.out = Path(out_dir)
-        self.progress = progress
-        self.device = resolve_device(cfg.device)
+        self.device = distributed.setup(cfg.device)  # joins the process group under torchrun
+        self.rank, self.world = distributed.get_rank(), distributed.get_world_size()
+        self.progress = progress and self.rank == 0
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} (the global batch) is not divisible by the "
+                             f"{self.world} processes")
+        self.local_batch = cfg.batch_size // self.world
+        if cfg.amp not in (None, "bf16"):
+            raise ValueError(f"amp must be 'bf16' or unset, got {cfg.amp!r} (float16 would need loss scaling)")
         preset = DATASET_PRESETS[cfg.data]
         self.preset = preset
         _, h, w = preset["input_size"]
@@ -168,7 +201,14 @@ class Trainer:
         aug = {"size": h, "mean": tuple(preset["mean"]), "std": tuple(preset["std"]), **cfg.augment}
         self.augment = ViewAugment(AugmentConfig.from_dict(aug))
         model = ZooModel(cfg.backbone, cfg.backbone_kwargs, pretrained_cfg=self.model_cfg())
-        self.method = get_method(cfg.method)(model, **cfg.method_kwargs).to(self.device)
+        self.targets = self.training_targets()
+        method_cls, method_kwargs = get_method(cfg.method), dict(cfg.method_kwargs)
+        # Supervised methods with a classifier take num_classes; unless the recipe sets it, it comes from the data.
+        if (self.targets is not None and method_kwargs.get("num_classes") is None
+                and "num_classes" in inspect.signature(method_cls).parameters):
+            classes = len(getattr(self.data.dataset, "classes", []) or [])
+            method_kwargs["num_classes"] = max(classes, int(self.targets.max()) + 1)
+        self.method = method_cls(model, **method_kwargs).to(self.device)
         self.optimizer = build_optimizer(cfg, [p for p in self.method.parameters() if p.requires_grad])
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.steps_per_epoch = len(self.data) // cfg.batch_size
@@ -182,6 +222,8 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self.resumed_from: Path | None = None  # the checkpoint fit() resumed from, and its step
+        self.resumed_step = 0
 
     # -- setup ---------------------------------------------------------------------------
     @staticmethod
@@ -189,6 +231,18 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
+
+    def training_targets(self) -> torch.Tensor | None:
+        """The training split's class labels ``[N]`` (long, CPU), or None when any image is unlabelled (-1)."""
+        targets = getattr(self.data.dataset, "targets", None)
+        if targets is None or len(targets) != len(self.data) or len(targets) == 0:
+            return None
+        t = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        return t if bool((t >= 0).all()) else None
+
+    def batch_labels(self, indices: torch.Tensor) -> torch.Tensor:
+        """Labels ``[B]`` of training-set ``indices`` on the training device (``StepContext.labels``)."""
+        return self.targets[indices.cpu()].to(self.device)
 
     def model_cfg(self) -> dict[str, Any]:
         cfg, preset = self.cfg, self.preset
@@ -223,14 +277,48 @@ class Trainer:
             fetch=lambda idx: self.data.batch(idx).to(self.device),
             optimizer=self.optimizer,
             seed=self.cfg.seed,
+            labels=self.batch_labels if self.targets is not None else None,
         )
 
-    def iterate_dataset(self, batch_size: int = 512):
-        """The whole training set in index order, as (raw images, indices), for per-epoch clustering."""
-        n = len(self.data)
-        for start in range(0, n, batch_size):
-            idx = torch.arange(start, min(n, start + batch_size))
+    def iterate_dataset(self, batch_size: int = 512, shard: bool = False):
+        """The whole training set in index order, as (raw images, indices), for per-epoch clustering.
+
+        ``shard=True``: only this rank's contiguous share (everything on one process); the caller
+        gathers the results (``train.distributed.gather_dataset``).
+        """
+        lo, hi = distributed.shard_range(len(self.data)) if shard else (0, len(self.data))
+        for start in range(lo, hi, batch_size):
+            idx = torch.arange(start, min(hi, start + batch_size))
             yield self.data.batch(idx).to(self.device), idx
+
+    def epoch_batches(self, order: torch.Tensor, first: int, last: int):
+        """``(indices, images)`` of batches ``first..last-1`` of an epoch's ``order``: this rank's slice of
+        each global batch (the DistributedSampler equivalent). With ``loader_workers`` and images that are
+        not held in memory, DataLoader workers decode the next batches while the current one trains."""
+        slices = []
+        for b in range(first, last):
+            start = b * self.cfg.batch_size + self.rank * self.local_batch
+            slices.append(order[start : start + self.local_batch])
+        if self.cfg.loader_workers <= 0 or self.data.in_memory:
+            for idx in slices:
+                yield idx, self.load_batch(idx)
+            return
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(self.data.dataset, batch_sampler=[idx.tolist() for idx in slices],
+                            num_workers=self.cfg.loader_workers, collate_fn=_stack_images,
+                            pin_memory=self.cfg.pin_memory and self.device.type == "cuda")
+        for idx, x in zip(slices, loader):
+            x = x.to(self.device, non_blocking=True)
+            yield idx, (x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x)
+
+    def load_batch(self, indices: torch.Tensor) -> torch.Tensor:
+        """Raw images ``[B,3,H,W]`` of ``indices`` on the training device (pinned / channels-last when asked)."""
+        x = self.data.batch(indices)
+        if self.cfg.pin_memory and self.device.type == "cuda":
+            x = x.pin_memory()
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
 
     # -- checkpoints -----------------------------------------------------------------------
     @property
@@ -270,14 +358,24 @@ class Trainer:
         random.setstate((py[0], tuple(py[1]), py[2]))
 
     def resume(self) -> Path | None:
-        """Load the newest readable checkpoint; a corrupt newest one falls back to the one before."""
-        for path in sorted(self.ckpt_dir.glob("step_*.safetensors"), reverse=True):
-            try:
-                self.load_checkpoint(path)
-                return path
-            except (CheckpointError, KeyError, ValueError, RuntimeError) as exc:
-                warnings.warn(f"skipping unreadable checkpoint {path}: {exc}", stacklevel=2)
-        return None
+        """Load the newest readable checkpoint; a corrupt newest one falls back to the one before.
+
+        Under DDP rank 0 picks the checkpoint and every rank loads that file (the run folder must be
+        on a filesystem all nodes see).
+        """
+        found: Path | None = None
+        if self.rank == 0:
+            for path in sorted(self.ckpt_dir.glob("step_*.safetensors"), reverse=True):
+                try:
+                    self.load_checkpoint(path)
+                    found = path
+                    break
+                except (CheckpointError, KeyError, ValueError, RuntimeError) as exc:
+                    warnings.warn(f"skipping unreadable checkpoint {path}: {exc}", stacklevel=2)
+        chosen = distributed.broadcast_object(str(found) if found is not None else None)
+        if self.rank != 0 and chosen is not None:
+            self.load_checkpoint(chosen)
+        return Path(chosen) if chosen is not None else None
 
     # -- the loop --------------------------------------------------------------------------
     def set_lr(self) -> float:
@@ -292,58 +390,96 @@ class Trainer:
             group["lr"] = lr = lr_at(self.step - first, end - first, warmup, base)
         return lr
 
-    def fit(self, resume: bool = False) -> ZooModel:
-        self.out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            path = self.resume()
-            if path is not None and self.progress:
-                print(f"resumed from {path} at step {self.step}")
-        (self.out / "config.yaml").write_text(yaml.safe_dump(asdict(self.cfg), sort_keys=False))
+    def prepare_step(self):
+        """The callable that runs one training step: the method itself, or its DDP wrapper under torchrun
+        (after SyncBatchNorm conversion when ``sync_bn``); applies channels_last / torch.compile."""
+        cfg = self.cfg
+        if cfg.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        if cfg.torch_compile:
+            self.method.model.backbone.compile()  # in place: parameter names (checkpoints) unchanged
+        if self.world == 1:
+            return self.method.training_step
+        if cfg.sync_bn:
+            self.method = distributed.convert_sync_batchnorm(self.method, self.device)
+        return distributed.wrap_ddp(self.method, self.device)
+
+    def reduce_outputs(self, out: dict[str, Any]) -> dict[str, float]:
+        """The step's scalar outputs as floats, averaged over ranks (every rank gets the same values)."""
+        keys = list(out)
+        values = torch.stack([v.detach().float().reshape(()) if torch.is_tensor(v)
+                              else torch.tensor(float(v)) for v in out.values()])
+        values = distributed.all_reduce_mean(values.cpu())
+        return dict(zip(keys, values.tolist()))
+
+    def fit(self, resume: bool | str = False) -> ZooModel:
+        """Train to ``total_steps``. ``resume``: True / "yes" continue from the newest good checkpoint,
+        "auto" only when torchrun restarted the workers, False / "no" start afresh."""
+        main = self.rank == 0
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if distributed.resume_requested(resume):
+            self.resumed_from = self.resume()
+            self.resumed_step = self.step
+            if self.resumed_from is not None and self.progress:
+                print(f"resumed from {self.resumed_from} at step {self.step}")
+        if main:
+            (self.out / "config.yaml").write_text(yaml.safe_dump(asdict(self.cfg), sort_keys=False))
         ckpt_every = self.cfg.ckpt_every or self.steps_per_epoch
-        log = LogWriter(self.out / "log.csv", append=resume and self.step > 0)
+        log = LogWriter(self.out / "log.csv", append=self.step > 0) if main else None
         self.method.train()
+        step_fn = self.prepare_step()
         self.method.on_train_start(self.context(self.step // self.steps_per_epoch))
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc=self.cfg.method)
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.amp == "bf16"
+                    else nullcontext())
         start_time = time.time()
-        while self.step < self.total_steps:
-            epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
-            if in_epoch == 0:
-                self.method.on_epoch_start(self.context(epoch))
-            order = self.method.sample_order(epoch, self.cfg.seed, len(self.data))
-            if order is None:
-                order = epoch_order(self.cfg.seed, epoch, len(self.data))
-            for b in range(in_epoch, self.steps_per_epoch):
-                if self.step >= self.total_steps:
-                    break
-                idx = order[b * self.cfg.batch_size : (b + 1) * self.cfg.batch_size]
-                images = self.data.batch(idx).to(self.device, non_blocking=True)
-                lr = self.set_lr()
-                ctx = self.context(epoch)
-                out = self.method.training_step(images, idx, ctx)
-                loss = out["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; lower the lr")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.method.on_before_optimizer_step(ctx)
-                self.optimizer.step()
-                self.method.on_after_optimizer_step(ctx)
-                self.step += 1
-                row = {"step": self.step, "epoch": epoch, "lr": lr, "time": time.time() - start_time}
-                row.update({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()})
-                self.history.append(row)
-                if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                    log.write(row)
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", epoch=epoch)
-                if self.step % ckpt_every == 0 or self.step == self.total_steps:
-                    self.save_checkpoint()
-        bar.close()
-        log.close()
+        try:
+            while self.step < self.total_steps:
+                epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+                if in_epoch == 0:
+                    self.method.on_epoch_start(self.context(epoch))
+                order = self.method.sample_order(epoch, self.cfg.seed, len(self.data))
+                if order is None:
+                    order = epoch_order(self.cfg.seed, epoch, len(self.data))
+                last = min(self.steps_per_epoch, in_epoch + self.total_steps - self.step)
+                for idx, images in self.epoch_batches(order, in_epoch, last):
+                    lr = self.set_lr()
+                    ctx = self.context(epoch)
+                    with per_sample_shard(self.rank, self.world), autocast:
+                        out = step_fn(images, idx, ctx)
+                    loss = out["loss"]
+                    values = self.reduce_outputs(out)
+                    if not math.isfinite(values["loss"]):
+                        raise FloatingPointError(f"loss is {values['loss']} at step {self.step}; lower the lr")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.method.on_before_optimizer_step(ctx)
+                    self.optimizer.step()
+                    self.method.on_after_optimizer_step(ctx)
+                    self.step += 1
+                    row = {"step": self.step, "epoch": epoch, "lr": lr, "time": time.time() - start_time}
+                    row.update(values)
+                    self.history.append(row)
+                    if log is not None and (self.step % self.cfg.log_every == 0 or self.step == self.total_steps):
+                        log.write(row)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", epoch=epoch)
+                    if main and (self.step % ckpt_every == 0 or self.step == self.total_steps):
+                        self.save_checkpoint()
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+            if self.world > 1 and self.cfg.sync_bn:  # plain BatchNorm again for export and evaluation
+                self.method = distributed.revert_sync_batchnorm(self.method)
         return self.method.export()
 
     def export(self, evaluate: bool = True) -> Path:
-        """Save the trained encoder as a model folder ``out/model`` (with metrics when ``evaluate``)."""
+        """Save the trained encoder as a model folder ``out/model`` (with metrics when ``evaluate``).
+        Under DDP only rank 0 writes (and evaluates); the others return the folder's path."""
+        if self.rank != 0:
+            return self.out / "model"
         model = self.method.export().eval()
         if evaluate and self.cfg.eval_protocols:
             from zoo.eval import evaluate as run_eval

@@ -14,7 +14,18 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 EPILOG_LIST = "example: zoo list 'simclr_*' --pretrained"
-EPILOG_EVAL = "example: zoo eval simclr_convnet_mnist5k --data mnist5k --protocol knn,linear,kmeans --json m.json"
+EPILOG_EVAL = (
+    "example: zoo eval simclr_convnet_mnist5k --data mnist5k --protocol knn,linear,kmeans --json m.json\n"
+    "         zoo eval runs/simclr_shapes/model --data shapes --protocol rlp --clusters 8\n"
+    "         zoo eval simclr_convnet_mnist5k --protocol fewshot --ways 5 --shots 1,5 --episodes 600\n"
+    "         zoo eval simclr_convnet_mnist5k --data mnist5k_lt100 --protocol longtail\n"
+    "         zoo eval runs/scan_mnist5k/model --protocol none --plots plots/ --run runs/scan_mnist5k"
+)
+EPILOG_LEADERBOARD = (
+    "example: zoo leaderboard --data mnist5k\n"
+    "         zoo leaderboard --data shapes --models 'runs/bench/shapes_e8/*/model' --protocols knn,linear,rlp\n"
+    "         zoo leaderboard --data mnist5k --update-docs --docs docs/benchmarks.md"
+)
 EPILOG_INFO = "example: zoo info simclr_convnet_mnist5k"
 EPILOG_PUBLISH = (
     "example: zoo publish runs/simclr/model --repo-id my-org/simclr-convnet-mnist5k\n"
@@ -89,26 +100,93 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shots(text: str) -> tuple[int, ...]:
+    try:
+        shots = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shots takes a comma list of integers, got {text!r}") from None
+    if not shots or min(shots) < 1:
+        raise argparse.ArgumentTypeError(f"--shots needs positive integers, got {text!r}")
+    return shots
+
+
+def _protocol_list(text: str) -> tuple[str, ...]:
+    # "cluster" is DESIGN.md's name for the k-means protocol; "none" runs no protocol (plots only)
+    names = [{"cluster": "kmeans"}.get(p.strip(), p.strip()) for p in text.split(",") if p.strip()]
+    return tuple(p for p in names if p != "none")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from zoo.eval import evaluate
 
+    protocols = _protocol_list(args.protocol)
+    if not protocols and not args.plots:
+        print("error: --protocol none leaves nothing to do; add --plots DIR", file=sys.stderr)
+        return 2
+    if args.run and not args.plots:
+        print("error: --run draws training curves into the --plots folder; give --plots DIR", file=sys.stderr)
+        return 2
     model = load_model_arg(args.model)
-    # "cluster" is DESIGN.md's name for the k-means protocol
-    protocols = tuple({"cluster": "kmeans"}.get(p.strip(), p.strip()) for p in args.protocol.split(",") if p.strip())
     data_kwargs = {"root": args.data_root} if args.data_root else {}
     data = args.data or model.pretrained_cfg.get("dataset")
     if not data:
         print("error: the model does not say which dataset it belongs to; pass --data", file=sys.stderr)
         return 2
-    metrics = evaluate(model, data, protocols=protocols, batch_size=args.batch_size, device=args.device,
-                       progress=not args.quiet, seed=args.seed, **data_kwargs)
-    rows = [{"metric": k, "value": v} for k, v in metrics.items() if isinstance(v, float)]
-    print(format_table(rows, ["metric", "value"]))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
-    if args.write_metrics:
-        write_metrics(args.model, metrics)
+    metrics: dict = {}
+    if protocols:
+        metrics = evaluate(model, data, protocols=protocols, batch_size=args.batch_size, device=args.device,
+                           progress=not args.quiet, seed=args.seed, rlp_clusters=args.clusters,
+                           fewshot_ways=args.ways, fewshot_shots=args.shots, fewshot_episodes=args.episodes,
+                           **data_kwargs)
+        rows = [{"metric": k, "value": v} for k, v in metrics.items() if isinstance(v, float)
+                and not k.startswith("rlp_")]
+        if rows:
+            print(format_table(rows, ["metric", "value"]))
+        if "rlp" in protocols:
+            from zoo.eval.rlp import rlp_table
+
+            print(f"\nreverse linear probing, k = {int(metrics['rlp_k'])} clusters (held-out test split):")
+            print(format_table(rlp_table(metrics), ["concepts", "nmi", "mi", "acc", "gain"]))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+        if args.write_metrics:
+            write_metrics(args.model, metrics)
+    if args.plots:
+        from zoo.eval.plots import write_eval_plots
+
+        run = args.run
+        if run is None and Path(args.model).is_dir() and (Path(args.model).parent / "log.csv").is_file():
+            run = str(Path(args.model).parent)  # a run's model folder: its training log sits next to it
+        paths = write_eval_plots(model, data, args.plots, run_dir=run, embedding=args.embedding,
+                                 k=args.clusters, batch_size=args.batch_size, device=args.device,
+                                 progress=not args.quiet, seed=args.seed, **data_kwargs)
+        for p in paths:
+            print(f"wrote {p}")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from zoo.eval.leaderboard import run_leaderboard, update_cards, update_docs
+
+    protocols = _protocol_list(args.protocols) if args.protocols else None
+    data_kwargs = {"root": args.data_root} if args.data_root else {}
+    if args.update_docs and not Path(args.docs).is_file():
+        print(f"error: --update-docs: {args.docs} does not exist (point --docs at the Markdown file)", file=sys.stderr)
+        return 2
+    board = run_leaderboard(args.data, protocols=protocols, models=args.models, out=args.out, sort=args.sort,
+                            force=args.force, batch_size=args.batch_size, device=args.device,
+                            progress=not args.quiet, seed=args.seed, rlp_clusters=args.clusters,
+                            fewshot_ways=args.ways, fewshot_shots=args.shots, fewshot_episodes=args.episodes,
+                            log=lambda msg: print(msg, file=sys.stderr), **data_kwargs)
+    print(board["markdown"])
+    for p in board["paths"]:
+        print(f"wrote {p}")
+    if args.update_docs:
+        print(f"updated {update_docs(args.docs, args.data, board['markdown'])}")
+    if args.update_cards:
+        for folder in update_cards(board, log=print):
+            print(f"updated {folder / 'config.json'} and its README.md")
     return 0
 
 
@@ -138,6 +216,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_protocol_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clusters", type=int, default=None,
+                   help="rlp (and --plots k-means): number of k-means clusters (default: number of classes)")
+    p.add_argument("--ways", type=int, default=None, help="fewshot: classes per episode (default: min(5, classes))")
+    p.add_argument("--shots", type=_shots, default=(1, 5), help="fewshot: comma list of support sizes (default 1,5)")
+    p.add_argument("--episodes", type=int, default=600, help="fewshot: episodes per setting (default 600)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zoo", description="selfsup-zoo: self-supervised encoders, from training to serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,18 +237,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="registered name or model folder")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("eval", help="evaluate frozen features (kNN, linear probe, k-means)", epilog=EPILOG_EVAL)
+    p = sub.add_parser("eval", help="evaluate frozen features (kNN, linear probe, k-means, RLP, few-shot, ...)",
+                       epilog=EPILOG_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="registered name, model folder, or hf-hub:ORG/NAME")
     p.add_argument("--data", help="dataset name (default: the one the model was trained on)")
     p.add_argument("--data-root", help="dataset folder (imagefolder, cifar10, ...)")
-    p.add_argument("--protocol", default="knn,linear,kmeans", help="comma list of knn, linear, kmeans (alias: cluster)")
+    p.add_argument("--protocol", default="knn,linear,kmeans",
+                   help="comma list of knn, linear, kmeans (alias: cluster), fewshot, rlp (needs a dataset with "
+                        "concept labels: shapes), longtail (needs a *_lt dataset); none: plots only")
     p.add_argument("--json", help="write the metrics as JSON to this file")
     p.add_argument("--write-metrics", action="store_true", help="store the metrics in the model folder's config and card")
+    _add_protocol_options(p)
+    p.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR: 2-D embedding, Hungarian-matched "
+                   "confusion and cluster galleries (k-means, cluster head), training curves with --run")
+    p.add_argument("--run", metavar="DIR", help="training run folder whose log.csv gives the training curves "
+                   "(default: the model folder's parent when it holds a log.csv)")
+    p.add_argument("--embedding", default="tsne", choices=("tsne", "pca", "umap"),
+                   help="2-D embedding of --plots (umap needs umap-learn)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("leaderboard", help="evaluate every available model on a dataset: Markdown + JSON table",
+                       epilog=EPILOG_LEADERBOARD, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="dataset name")
+    p.add_argument("--data-root", help="dataset folder (imagefolder, cifar10, ...)")
+    p.add_argument("--protocols", default=None, help="comma list (default: every protocol that applies: knn, "
+                   "linear, kmeans, fewshot, plus rlp for datasets with concepts, longtail for *_lt datasets)")
+    p.add_argument("--models", default=None, help="comma list of shell patterns: registered names ('simclr_*') or "
+                   "model folders ('runs/*/model'); default: every registered model with offline weights")
+    p.add_argument("--out", default="leaderboard", help="folder for the table, the JSON and the per-model cache")
+    p.add_argument("--sort", default=None, help="metric to sort by (default: linear_top1, else knn_top1, ...)")
+    p.add_argument("--force", action="store_true", help="re-evaluate models whose cached result is current")
+    p.add_argument("--update-docs", action="store_true",
+                   help="replace the <!-- leaderboard:DATA start/end --> block of --docs (appended if missing)")
+    p.add_argument("--docs", default="docs/benchmarks.md", help="Markdown file for --update-docs")
+    p.add_argument("--update-cards", action="store_true",
+                   help="write the metrics into each model folder's config.json and card (folders outside the "
+                        "installed package only)")
+    _add_protocol_options(p)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("publish", help="upload a model folder to the Hugging Face Hub (with a model card)",
                        epilog=EPILOG_PUBLISH, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -202,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (KeyError, ValueError, FileNotFoundError) as exc:
+    except (KeyError, ValueError, FileNotFoundError, ImportError) as exc:
         from zoo.checkpoint import CheckpointError  # noqa: F401 - CheckpointError is a RuntimeError
 
         print(f"error: {exc}", file=sys.stderr)

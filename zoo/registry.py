@@ -65,6 +65,8 @@ class ModelEntry:
     metrics: dict[str, Any] = field(default_factory=dict)
     convert_format: str | None = None  # zoo.convert format of a url: checkpoint ("moco", "swav", "sela_v2", "dino")
     source_url: str | None = None  # where the weights come from (paper / official repository / file)
+    # file name in the torch hub cache when the URL's path does not name the file (Google Drive links)
+    checkpoint_name: str | None = None
 
     def pretrained_cfg(self) -> dict[str, Any]:
         cfg = asdict(self)
@@ -124,13 +126,16 @@ def zoo_cache_dir() -> Path:
     return Path(root) / "models"
 
 
-def hub_checkpoint_path(url: str) -> Path:
-    """Where torch.hub keeps a downloaded file: ``torch.hub.get_dir()/checkpoints/<file name>``."""
+def hub_checkpoint_path(url: str, file_name: str | None = None) -> Path:
+    """Where torch.hub keeps a downloaded file: ``torch.hub.get_dir()/checkpoints/<file name>``.
+
+    The file name is the URL's last path component unless ``file_name`` is given.
+    """
     from urllib.parse import urlparse
 
     import torch.hub
 
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / (file_name or os.path.basename(urlparse(url).path))
 
 
 def _url_folder(entry: ModelEntry, url: str) -> Path:
@@ -143,7 +148,7 @@ def _url_folder(entry: ModelEntry, url: str) -> Path:
                 f"delete the folder to convert the official checkpoint again"
             )
         return folder
-    checkpoint = hub_checkpoint_path(url)
+    checkpoint = hub_checkpoint_path(url, entry.checkpoint_name)
     if not checkpoint.is_file():
         import torch.hub
 
@@ -387,12 +392,61 @@ OFFICIAL_MODELS: list[dict[str, Any]] = [
 ]
 
 
+
+# SCAN's releases (wvangansbeke/Unsupervised-Classification) are Google Drive files: the direct
+# download endpoint with the virus-scan confirmation skipped; the hub cache file is named per entry.
+def _gdrive(file_id: str) -> str:
+    return f"https://drive.usercontent.google.com/download?id={file_id}&export=download&confirm=t"
+
+
+_SCAN_PUBLISHED = "published by the SCAN authors for this checkpoint (best model of the paper's runs); test split"
+_CIFAR10_PRE = dict(dataset="cifar10", input_size=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465),
+                    std=(0.2023, 0.1994, 0.2010), crop_pct=1.0)
+_CIFAR20_PRE = dict(dataset="cifar100-20", input_size=(3, 32, 32), mean=(0.5071, 0.4865, 0.4409),
+                    std=(0.2673, 0.2564, 0.2762), crop_pct=1.0)
+def _scan_entries() -> list[dict[str, Any]]:
+    entries = []
+    for data, pre, k, runs in [
+        ("cifar10", _CIFAR10_PRE, 10, [("scan", "1v6b6jJY5M4-duSqWpGFmdf9e9T3dPrx0", (0.816, 0.715, 0.665)),
+                                       ("selflabel", "18gITFzAbQsGS5vt8hyi5HjbeRDsVLihw", (0.883, 0.797, 0.772))]),
+        ("cifar20", _CIFAR20_PRE, 20, [("scan", "1pPCi1QG05kP_JdoX29dxEhVddIRk68Sd", (0.440, 0.449, 0.283)),
+                                       ("selflabel", "11mEmpDMyq63pM4kmDy6ItHouI6Q__uB7", (0.507, 0.486, 0.333))]),
+    ]:
+        for step, file_id, (acc, nmi, ari) in runs:
+            name = f"scan_{'selflabel_' if step == 'selflabel' else ''}resnet18_{data}"
+            stage = "self-labelling step" if step == "selflabel" else "SCAN-loss step"
+            entries.append(dict(
+                name=name,
+                arch="resnet18",
+                arch_kwargs={"cifar_stem": True},
+                method="scan",
+                url=_gdrive(file_id),
+                checkpoint_name=f"{name}.pth.tar",
+                convert_format="scan",
+                license="CC BY-NC 4.0",
+                num_clusters=k,
+                preprocess=pre,
+                source_url="https://github.com/wvangansbeke/Unsupervised-Classification",
+                metrics={"head_acc": acc, "head_nmi": nmi, "head_ari": ari},
+                protocol=f"cluster head ACC/NMI/ARI with Hungarian matching, {pre['dataset']} test",
+                published=_SCAN_PUBLISHED,
+                description=(f"SCAN ResNet-18 (CIFAR stem) on {pre['dataset']}, after the {stage}: predicts {k} "
+                             f"clusters (official checkpoint, wvangansbeke/Unsupervised-Classification)"),
+            ))
+    return entries
+
+
+OFFICIAL_MODELS += _scan_entries()
+
+
 def _register_official() -> None:
     for spec in OFFICIAL_MODELS:
         spec = dict(spec)
         url, protocol = spec.pop("url"), spec.pop("protocol")
-        metrics = {**spec.pop("metrics"), "split": "validation", "protocol": f"{protocol}; {_PUBLISHED}"}
-        register_model(ModelEntry(**spec, **_IN1K, weights=f"url:{url}", metrics=metrics))
+        preprocess, published = spec.pop("preprocess", _IN1K), spec.pop("published", _PUBLISHED)
+        split = "test" if preprocess is not _IN1K else "validation"
+        metrics = {**spec.pop("metrics"), "split": split, "protocol": f"{protocol}; {published}"}
+        register_model(ModelEntry(**spec, **preprocess, weights=f"url:{url}", metrics=metrics))
 
 
 _register_builtin()

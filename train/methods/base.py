@@ -43,14 +43,18 @@ class StepContext:
     epoch: int = 0
     epochs: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # Called with no arguments, iterates over (raw images [B,3,H,W] in [0,1], dataset indices [B])
-    # of the whole training set in a fixed order: for methods that cluster the dataset each epoch.
+    # Iterates over (raw images [B,3,H,W] in [0,1], dataset indices [B]) of the whole training set in a
+    # fixed order: for methods that cluster the dataset each epoch. Optional ``batch_size``; ``shard=True``
+    # gives only this rank's share under DDP (``train.clustering.iterate_shard``; the caller gathers).
     iterate_dataset: Callable[[], Any] | None = None
     dataset_size: int = 0
     # Raw images [B,3,H,W] in [0,1] of the given dataset indices (SCAN fetches neighbours with it).
     fetch: Callable[[torch.Tensor], torch.Tensor] | None = None
     optimizer: torch.optim.Optimizer | None = None
     seed: int = 0
+    # Class labels ``[B]`` (long, on ``device``) of the given dataset indices, from the dataset's targets;
+    # None when the training data is unlabelled. Only supervised methods use it (``Method.batch_labels``).
+    labels: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class Method(nn.Module):
@@ -69,6 +73,15 @@ class Method(nn.Module):
     def training_step(self, images: torch.Tensor, indices: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
         """``images``: raw float ``[B,3,H,W]`` in [0,1]. Returns a dict with a scalar ``loss``."""
         raise NotImplementedError
+
+    def batch_labels(self, indices: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """The labels ``[B]`` of dataset ``indices``; a clear error when the training data has none."""
+        if ctx.labels is None:
+            raise ValueError(
+                f"method {self.name!r} is supervised and needs labelled training data, but the dataset has no "
+                "labels (every image needs a class; imagefolder and stl10 'unlabeled' images have none)"
+            )
+        return ctx.labels(indices)
 
     def on_train_start(self, ctx: StepContext) -> None:  # noqa: B027 - optional hook
         pass

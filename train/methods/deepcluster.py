@@ -10,6 +10,10 @@ classifier are trained with cross-entropy to predict the pseudo-label of an augm
 Not reproduced: the Sobel input filter of the AlexNet/VGG models in the paper (the recipe's
 augmentation decides the input). The paper over-clusters (k=10000 for 1000 ImageNet classes);
 the default here is 30, three times the classes of the small datasets in this zoo.
+
+Under DDP each rank embeds a shard of the training set and the features are gathered
+(``train.clustering.embed_dataset``); every rank runs the same k-means and rank 0's pseudo-labels are
+broadcast, so the sampling order and the targets are identical on all ranks.
 """
 
 from __future__ import annotations

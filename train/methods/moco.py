@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.distributed import all_gather_rows, get_rank, is_distributed
 from train.methods.base import Method, StepContext, register_method
 from zoo.heads import ProjectionHead
 from zoo.model import ZooModel
@@ -92,6 +93,12 @@ class MoCo(Method):
     batch split the same way: this simulates ``bn_splits`` GPUs, as the official MoCo CIFAR-10 demo
     does with SplitBatchNorm. ``bn_splits=1`` (the default) leaves BN over the whole batch; set it to
     e.g. 8 for a single-process run that should not leak.
+
+    Under DDP the keys are encoded on a batch shuffled across ranks (the official ``batch_shuffle_ddp``:
+    every rank draws the same permutation of the global batch from the shared generator, encodes its
+    slice, and the keys go back to their images' ranks), and the queue receives the keys of every rank,
+    so it holds the same global keys on all ranks. With the trainer's ``sync_bn`` the BN statistics
+    already span the global batch and the keys are encoded where their images are, unshuffled.
     """
 
     def __init__(
@@ -124,6 +131,8 @@ class MoCo(Method):
     def encode_keys(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """``[B,3,H,W] -> [B,D]`` L2-normalised keys from the key encoder, computed on a shuffled batch
         (single-process shuffle BN, see the class docstring) and returned in the original order."""
+        if is_distributed() and not self._bn_synced():
+            return self._encode_keys_across_ranks(x, generator)
         if self.bn_splits == 1:  # one BN group: batch order cannot change its statistics, skip the copies
             return F.normalize(self.key_projector(self.key_model.forward_features(x)), dim=1)
         perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
@@ -132,6 +141,26 @@ class MoCo(Method):
         unshuffled = torch.empty_like(k)
         unshuffled[perm] = k  # row perm[i] of the batch was encoded at position i
         return F.normalize(unshuffled, dim=1)
+
+    def _bn_synced(self) -> bool:
+        """True when the key encoder's BatchNorm already spans all ranks (``sync_bn``): no shuffle needed,
+        and none of the image gathering it costs (MoCo v3 replaces shuffle BN by SyncBN likewise)."""
+        from train.distributed import GlobalBatchNorm
+
+        return any(isinstance(m, (torch.nn.SyncBatchNorm, GlobalBatchNorm)) for m in self.key_model.modules())
+
+    @torch.no_grad()
+    def _encode_keys_across_ranks(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Shuffle BN across ranks: this rank's keys ``[B,D]``, each encoded within another rank's BN batch."""
+        b, rank = x.shape[0], get_rank()
+        everyone = all_gather_rows(x)  # [W*B,3,H,W]
+        perm = torch.randperm(everyone.shape[0], generator=generator).to(x.device)  # same on every rank
+        mine = everyone[perm[rank * b : (rank + 1) * b]]
+        k = torch.cat([self.key_projector(self.key_model.forward_features(c)) for c in mine.chunk(self.bn_splits)])
+        shuffled = all_gather_rows(k)  # row i: key of global image perm[i]
+        keys = torch.empty_like(shuffled)
+        keys[perm] = shuffled
+        return F.normalize(keys[rank * b : (rank + 1) * b], dim=1)
 
     # -- queue ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -172,7 +201,7 @@ class MoCo(Method):
             loss = moco_infonce_loss(q1, k2, queue, self.temperature)
             keys = k2
         if self.training:  # evaluating the loss (model.eval()) leaves the queue alone
-            self.enqueue(keys)
+            self.enqueue(all_gather_rows(keys))  # under DDP: the keys of every rank, in rank order
         return {"loss": loss}
 
     def on_train_start(self, ctx: StepContext) -> None:

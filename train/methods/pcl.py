@@ -8,7 +8,10 @@ MoCo v2 instance InfoNCE loss plus, averaged over granularities, the ProtoNCE pr
 which pulls a query towards its prototype at the prototype's own temperature ``phi``.
 
 Instance part: query encoder (backbone + 2-layer MLP, MoCo v2) and a momentum copy that encodes
-keys; a queue of past keys holds the negatives. Shuffled BN across GPUs is not reproduced.
+keys; a queue of past keys holds the negatives. Shuffled BN across GPUs is not reproduced (use the
+trainer's ``sync_bn`` under DDP). Under DDP the E-step embeds one shard of the dataset per rank and
+gathers the features, k-means runs on every rank and rank 0's result is broadcast; the queue receives
+the keys of every rank.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from train.clustering import (
     kmeans_with_reseed,
     resize_buffers_to_state,
 )
+from train.distributed import all_gather_rows
 from train.methods.base import Method, StepContext, register_method
 from zoo.heads import ProjectionHead
 from zoo.model import ZooModel
@@ -216,7 +220,7 @@ class PCL(Method):
             loss_proto = torch.stack(terms).mean()
             out["loss_proto"] = loss_proto.detach()
             loss = loss + loss_proto
-        self._pending_keys = k.detach()
+        self._pending_keys = all_gather_rows(k.detach())  # under DDP: every rank's keys, in rank order
         out["loss"] = loss
         return out
 

@@ -14,6 +14,10 @@ method of the zoo, e.g. SimCLR or MoCo, loaded with ``pretext=``):
    class-balanced by the inverse frequency of the pseudo-labels.
 
 Epochs ``[0, scan_epochs)`` are stage 2, the remaining trainer epochs stage 3.
+Under DDP the neighbours are mined over the whole dataset: each rank embeds a shard, the features are
+gathered, each rank searches the neighbours of its share of the images among all of them, and the
+neighbour lists are gathered; per-sample random draws (the picked neighbour, Cutout) are
+rank-consistent slices of the global batch's.
 ``export()`` returns the encoder with its cluster head (best head selected), so the published
 model folder predicts clusters ``[B,K]`` with ``model.predict_cluster(images)``.
 """
@@ -28,7 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train.augment import AugmentConfig, ViewAugment, normalize
+from train.augment import AugmentConfig, ViewAugment, normalize, rand_per_sample, randint_per_sample
+from train.clustering import iterate_shard
+from train.distributed import gather_dataset, shard_range
 from train.methods.base import Method, StepContext, register_method
 from zoo.heads import ClusterHead
 from zoo.model import ZooModel
@@ -110,7 +116,7 @@ def selflabel_loss(
 
 
 # ----------------------------------------------------------------------------- neighbours
-def mine_neighbors(features: torch.Tensor, k: int, backend: str = "auto") -> torch.Tensor:
+def mine_neighbors(features: torch.Tensor, k: int, backend: str = "auto", rows: slice | None = None) -> torch.Tensor:
     """The ``k`` nearest neighbours of every row by cosine similarity, excluding the row itself.
 
     Args:
@@ -118,15 +124,18 @@ def mine_neighbors(features: torch.Tensor, k: int, backend: str = "auto") -> tor
         k: neighbours per sample, ``1 <= k < N``.
         backend: ``"faiss"`` (exact ``IndexFlatIP``, on the GPU when faiss sees one), ``"torch"``
             (chunked matrix products), or ``"auto"``: faiss when it imports.
+        rows: mine only for these rows (searched among all ``N``); under DDP each rank takes a share.
 
     Returns:
-        ``[N,k]`` long, most similar first. The sample itself is never among its neighbours, even when
-        a duplicate of it ranks first.
+        ``[N,k]`` (or ``[len(rows),k]``) long, most similar first. The sample itself is never among its
+        neighbours, even when a duplicate of it ranks first.
     """
     n = features.shape[0]
     if not 1 <= k < n:
         raise ValueError(f"need 1 <= k < N to mine neighbours, got k={k}, N={n}")
     x = F.normalize(features.detach().float().cpu(), dim=1).contiguous()
+    ids = torch.arange(n)[rows if rows is not None else slice(None)]
+    q = x[ids].contiguous()
     if backend == "auto":
         try:
             import faiss  # noqa: F401
@@ -141,16 +150,16 @@ def mine_neighbors(features: torch.Tensor, k: int, backend: str = "auto") -> tor
         if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
         index.add(x.numpy())
-        _, found = index.search(x.numpy(), k + 1)  # [N,k+1]
+        _, found = index.search(q.numpy(), k + 1)  # [N,k+1]
         found = torch.from_numpy(np.ascontiguousarray(found)).long()
     elif backend == "torch":
-        found = torch.cat([(chunk @ x.T).topk(k + 1, dim=1).indices for chunk in x.split(4096)])
+        found = torch.cat([(chunk @ x.T).topk(k + 1, dim=1).indices for chunk in q.split(4096)])
     else:
         raise ValueError(f"unknown backend {backend!r}; use auto, faiss or torch")
     # Drop the sample itself; where a duplicate pushed it out of the k+1, drop the last instead.
-    drop = found == torch.arange(n).unsqueeze(1)
+    drop = found == ids.unsqueeze(1)
     drop[:, -1] |= ~drop.any(dim=1)
-    return found[~drop].view(n, k)
+    return found[~drop].view(ids.numel(), k)
 
 
 def neighbor_accuracy(neighbors: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> float:
@@ -168,8 +177,8 @@ def cutout(x: torch.Tensor, gen: torch.Generator, fraction: float = 0.5) -> torc
     i.e. to the mean colour of normalised views ``[B,C,H,W]``."""
     b, _, h, w = x.shape
     side = max(1, round(fraction * min(h, w)))
-    cy = (torch.rand(b, generator=gen) * h).long() - side // 2  # top edge  [B]
-    cx = (torch.rand(b, generator=gen) * w).long() - side // 2  # left edge [B]
+    cy = (rand_per_sample(b, gen) * h).long() - side // 2  # top edge  [B]
+    cx = (rand_per_sample(b, gen) * w).long() - side // 2  # left edge [B]
     ys, xs = torch.arange(h).unsqueeze(0), torch.arange(w).unsqueeze(0)
     in_y = (ys >= cy.unsqueeze(1)) & (ys < (cy + side).unsqueeze(1))  # [B,H]
     in_x = (xs >= cx.unsqueeze(1)) & (xs < (cx + side).unsqueeze(1))  # [B,W]
@@ -238,6 +247,8 @@ class SCAN(Method):
         mining_batch_size: images per forward pass while embedding the dataset for mining.
         restart_schedule: restart the warm-up + cosine learning-rate schedule when self-labelling starts.
     """
+
+    ddp_find_unused_parameters = True  # self-labelling trains one head; frozen epochs skip the backbone
 
     def __init__(
         self, model: ZooModel, pretext: str | None = None, num_clusters: int = 10, num_heads: int = 5,
@@ -347,21 +358,19 @@ class SCAN(Method):
         cfg = ctx.augment.cfg
         was_training = self.model.training
         self.model.eval()
-        feats: torch.Tensor | None = None
+        feats, order = [], []
         try:
-            for images, idx in ctx.iterate_dataset(self.mining_batch_size):
+            for images, idx in iterate_shard(ctx, self.mining_batch_size):  # this rank's shard under DDP
                 if tuple(images.shape[-2:]) != (cfg.size, cfg.size):
                     images = F.interpolate(images, size=(cfg.size, cfg.size), mode="bilinear", antialias=True,
                                            align_corners=False)
-                f = self.model.embed(normalize(images, cfg.mean, cfg.std)).float().cpu()
-                if feats is None:
-                    feats = torch.zeros(ctx.dataset_size, f.shape[1])
-                feats[idx] = f
+                feats.append(self.model.embed(normalize(images, cfg.mean, cfg.std)).float().cpu())
+                order.append(torch.as_tensor(idx).long().cpu())
         finally:
             self.model.train(was_training)
-        if feats is None:
+        if not feats:
             raise RuntimeError("the training set is empty")
-        return feats
+        return gather_dataset(torch.cat(feats), torch.cat(order), ctx.dataset_size)  # [N,D] on every rank
 
     def on_train_start(self, ctx: StepContext) -> None:
         """Mine the neighbours with the pretext features, once (a resumed run restores them instead)."""
@@ -370,7 +379,9 @@ class SCAN(Method):
                 raise ValueError(f"neighbours were mined for {self.neighbors.shape[0]} images, "
                                  f"the training set has {ctx.dataset_size}")
             return
-        neighbors = mine_neighbors(self.embed_dataset(ctx), self.num_neighbors)
+        lo, hi = shard_range(ctx.dataset_size)  # everything on one process
+        mine = mine_neighbors(self.embed_dataset(ctx), self.num_neighbors, rows=slice(lo, hi))
+        neighbors = gather_dataset(mine, torch.arange(lo, hi), ctx.dataset_size)
         self.neighbors = neighbors.to(self.head_loss_sum.device)
 
     def _load_from_state_dict(
@@ -406,7 +417,7 @@ class SCAN(Method):
         if ctx.fetch is None:
             raise RuntimeError("SCAN needs ctx.fetch to load the neighbours' images")
         anchors = ctx.augment(images, ctx.generator)
-        pick = torch.randint(self.num_neighbors, (images.shape[0],), generator=ctx.generator)
+        pick = randint_per_sample(self.num_neighbors, images.shape[0], ctx.generator)
         nbr_idx = self.neighbors[indices.to(self.neighbors.device), pick.to(self.neighbors.device)].cpu()
         neighbors = ctx.augment(ctx.fetch(nbr_idx).to(images.device), ctx.generator)
         # Separate forward passes (separate BN batches), as the official code.

@@ -11,6 +11,10 @@ network's predictions under an equal-partition constraint on the labels:
 Several heads (``num_heads`` independent clusterings) share the encoder, as the paper's
 multi-head variant does. They are the encoder's cluster head (``ZooModel.cluster_head``), so the
 exported model predicts clusters with head 0.
+
+Under DDP the label step is distributed: each rank predicts its shard of the dataset, Sinkhorn-Knopp
+balances the global problem (``train.sinkhorn`` all-reduces its column sums) and the labels are
+gathered, so every rank holds all ``N`` labels.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.augment import normalize
+from train.clustering import iterate_shard
+from train.distributed import gather_dataset
 from train.methods.base import Method, StepContext, register_method
 from train.sinkhorn import sinkhorn_knopp
 from zoo.heads import ClusterHead
@@ -89,28 +95,30 @@ class SeLa(Method):
             self.labels = torch.zeros(len(self.heads), ctx.dataset_size, dtype=torch.long, device=ctx.device)
 
     @torch.no_grad()
-    def dataset_log_probs(self, ctx: StepContext) -> torch.Tensor:
-        """``[num_heads, N, K]`` log-probabilities of every head over the whole (unaugmented) training set."""
+    def dataset_log_probs(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([num_heads, n, K] log-probabilities, [n] dataset indices)`` of every head over the (unaugmented)
+        training set: all ``N`` images in index order on one process, this rank's shard under DDP."""
         if ctx.iterate_dataset is None:
             raise RuntimeError("SeLa needs ctx.iterate_dataset to label the whole dataset")
         was_training = self.training
         self.eval()
-        out = torch.empty(len(self.heads), ctx.dataset_size, self.num_clusters, device=ctx.device)
         cfg = ctx.augment.cfg  # no augmentation, only the views' normalisation
-        for images, idx in ctx.iterate_dataset():
+        parts, order = [], []
+        for images, idx in iterate_shard(ctx):
             feats = self.model.forward_features(normalize(images.to(ctx.device), cfg.mean, cfg.std))
-            for h, head in enumerate(self.heads):
-                out[h, idx.to(ctx.device)] = F.log_softmax(head(feats).float(), dim=1)
+            parts.append(torch.stack([F.log_softmax(head(feats).float(), dim=1) for head in self.heads]))
+            order.append(idx.long().cpu())
         self.train(was_training)
-        return out
+        return torch.cat(parts, dim=1), torch.cat(order)
 
     @torch.no_grad()
     def update_labels(self, ctx: StepContext) -> None:
-        """SeLa's label step for every head."""
+        """SeLa's label step for every head (Sinkhorn over all ranks' rows under DDP)."""
         self.on_train_start(ctx)
-        log_probs = self.dataset_log_probs(ctx)
+        log_probs, idx = self.dataset_log_probs(ctx)
         for h in range(len(self.heads)):
-            self.labels[h] = sela_labels(log_probs[h], self.lam, self.sinkhorn_iters)
+            labels = sela_labels(log_probs[h], self.lam, self.sinkhorn_iters)
+            self.labels[h] = gather_dataset(labels, idx.to(labels.device), ctx.dataset_size).to(self.labels.device)
 
     def on_epoch_start(self, ctx: StepContext) -> None:
         if ctx.epoch in label_update_epochs(ctx.epochs, self.label_updates):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from train.distributed import all_gather_with_grad, get_rank
 from train.methods.base import Method, StepContext, register_method
 from zoo.heads import ProjectionHead
 from zoo.model import ZooModel
@@ -24,12 +25,18 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
     Returns:
         scalar: mean over the 2B anchors of
         ``-log exp(s_ii+/tau) / sum_{k != i} exp(s_ik/tau)``, where i+ is the other view of i.
+        Under DDP the rows are this rank's; the negatives are the embeddings of every rank, gathered
+        with gradients, and the mean runs over this rank's anchors (DDP's gradient average then gives
+        the loss of one process holding the global batch).
     """
     b = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2], dim=0), dim=1)  # [2B, D]
-    logits = z @ z.T / temperature  # [2B, 2B]
-    logits.fill_diagonal_(float("-inf"))  # an anchor is not its own negative
-    targets = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    g1, g2 = all_gather_with_grad(z1), all_gather_with_grad(z2)  # [W*B, D]; z1, z2 on one process
+    n, first = g1.shape[0], get_rank() * b
+    z = F.normalize(torch.cat([g1, g2], dim=0), dim=1)  # [2N, D]
+    mine = torch.cat([torch.arange(first, first + b), torch.arange(n + first, n + first + b)]).to(z.device)
+    logits = z[mine] @ z.T / temperature  # [2B, 2N]
+    logits[torch.arange(2 * b, device=z.device), mine] = float("-inf")  # an anchor is not its own negative
+    targets = torch.cat([mine[b:], mine[:b]])
     return F.cross_entropy(logits, targets)
 
 

@@ -5,6 +5,11 @@ Each image gives 2 large crops and some small crops (multi-crop). Every crop is 
 The two large crops get soft codes by Sinkhorn-Knopp equal partition of their (detached) scores,
 optionally over a queue of past large-crop embeddings too; every other crop is trained to
 predict those codes from its own scores ("swapped prediction").
+
+Under DDP (as the official ``distributed_sinkhorn``) the equal partition is over the global batch:
+``train.sinkhorn`` all-reduces its column sums and sample count, so each rank gets the codes of its own
+rows of the global problem. ``queue_length`` is the global queue: each rank keeps ``queue_length / W``
+of its own past embeddings, and the ranks' queues together join the partition.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from train.distributed import get_world_size
 from train.methods.base import Method, StepContext, register_method
 from train.sinkhorn import sinkhorn_knopp
 from zoo.heads import ProjectionHead, PrototypeHead
@@ -53,9 +59,15 @@ class SwAV(Method):
         self, model: ZooModel, num_prototypes: int = 30, proj_hidden_dim: int = 512, proj_dim: int = 128,
         temperature: float = 0.1, epsilon: float = 0.05, sinkhorn_iters: int = 3, n_small_crops: int = 2,
         small_size: int | None = None, queue_length: int = 0, queue_start_step: int = 0,
-        freeze_prototypes_steps: int = 0,
+        freeze_prototypes_steps: int = 0, crop_batching: str = "resolution",
     ):
         super().__init__(model)
+        if crop_batching not in ("resolution", "crop"):
+            raise ValueError(f"crop_batching must be 'resolution' or 'crop', got {crop_batching!r}")
+        # "resolution": one encoder pass per crop size, as the official code (BatchNorm over all crops
+        # of a size; fastest on GPUs). "crop": one pass per crop, as lightly's example (BatchNorm per
+        # crop; on CPUs the smaller tensors stay in cache and the step is about 6 % faster).
+        self.crop_batching = crop_batching
         self.projector = ProjectionHead(model.num_features, proj_hidden_dim, proj_dim)
         self.prototypes = PrototypeHead(proj_dim, num_prototypes)
         self.prototypes.normalize_()
@@ -67,12 +79,15 @@ class SwAV(Method):
         self.queue_start_step = queue_start_step
         self.freeze_prototypes_steps = freeze_prototypes_steps
         # Past large-crop embeddings, newest first: queue[i] holds crop i's (SwAV keeps one per crop).
-        self.register_buffer("queue", torch.zeros(self.n_large, queue_length, proj_dim))
+        local_queue = queue_length // get_world_size()  # this rank's share of the global queue
+        self.register_buffer("queue", torch.zeros(self.n_large, local_queue, proj_dim))
         self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))  # valid rows
         self._pending: torch.Tensor | None = None  # this step's large-crop embeddings [2,B,D]
 
     def embed_crops(self, crops: list[torch.Tensor]) -> torch.Tensor:
-        """``V`` crops ``[B,3,h_v,w_v]`` -> L2-normalised projections ``[V*B,D]``; one encoder pass per size."""
+        """``V`` crops ``[B,3,h_v,w_v]`` -> L2-normalised projections ``[V*B,D]``; one pass per size (or crop)."""
+        if self.crop_batching == "crop":
+            return torch.cat([F.normalize(self.projector(self.model.forward_features(c)), dim=1) for c in crops])
         feats, start = [], 0
         while start < len(crops):
             end = start + 1

@@ -20,10 +20,12 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from zoo.data.base import InMemoryImageDataset, Transform, ZooDataset
+from zoo.data.longtail import longtail_names
 from zoo.data.presets import DATASET_PRESETS, IMAGENET_MEAN, IMAGENET_STD
 from zoo.data.transforms import ImageTransform, eval_transform, pil_to_rgb, raw_transform, transform_for
 
-_DATASETS = ("cifar10", "cifar100", "digits", "imagefolder", "mnist5k", "shapes", "stl10")
+_DATASETS = ("cifar10", "cifar100", "digits", "imagefolder", "mnist5k", "shapes", "stl10", *longtail_names())
+_LONGTAIL = frozenset(longtail_names())
 SPLITS = ("train", "test")
 
 
@@ -62,6 +64,10 @@ def load_dataset(
     - ``imagefolder``: ``root`` (required; ``split`` is ignored), ``full_check=False``.
     - ``cifar10``, ``cifar100``, ``stl10``: ``root`` (default ``$ZOO_DATA`` or
       ``~/.cache/selfsup-zoo/data``), ``download=False``.
+    - long-tailed ``<base>_lt<imbalance>`` (``mnist5k_lt100``, ``shapes_lt10``, ``cifar10_lt50``, ...;
+      ``<base>_lt`` is imbalance 100): ``lt_seed=0`` plus the base dataset's arguments. The train split
+      keeps ``floor(n_max * (1/imbalance)^(c/(C-1)))`` images of class c; test stays balanced
+      (:mod:`zoo.data.longtail`).
     """
     if name not in _DATASETS:
         close = difflib.get_close_matches(str(name), _DATASETS, n=3, cutoff=0.4)
@@ -82,6 +88,10 @@ def load_dataset(
                 f"load_dataset({name!r}) got unexpected keyword argument(s) {extra}; accepts {list(allowed)}"
             )
 
+    if name in _LONGTAIL:
+        from zoo.data.longtail import load_longtail
+
+        return load_longtail(name, split, transform, root=root, download=download, **kwargs)
     if name in ("mnist5k", "digits"):
         from zoo.data import builtin
 

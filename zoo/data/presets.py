@@ -9,6 +9,7 @@ Statistics are per channel over the training split, on pixel values scaled to ``
 - ``shapes``: computed once from the ``shapes`` train split with ``seed=0``.
 - ``cifar10`` / ``cifar100``: the usual train-set statistics.
 - ``stl10`` / ``imagefolder``: ImageNet statistics.
+- long-tailed versions (``mnist5k_lt100``, ...): their base dataset's preset.
 """
 
 from __future__ import annotations
@@ -45,3 +46,9 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
     "stl10": _preset(96, IMAGENET_MEAN, IMAGENET_STD, 10),
     "imagefolder": _preset(224, IMAGENET_MEAN, IMAGENET_STD, None, crop_pct=0.875),
 }
+
+# Long-tailed versions (``mnist5k_lt100``, ...; zoo/data/longtail.py) share their base dataset's preset.
+from zoo.data.longtail import longtail_names, parse_longtail_name  # noqa: E402
+
+for _name in longtail_names():
+    DATASET_PRESETS[_name] = dict(DATASET_PRESETS[parse_longtail_name(_name)[0]])

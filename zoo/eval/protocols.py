@@ -1,4 +1,11 @@
-"""Run the evaluation protocols (kNN, linear probe, k-means, cluster head) on frozen features."""
+"""Run the evaluation protocols on frozen features.
+
+Default protocols (:data:`PROTOCOLS`): kNN, linear probe, k-means (plus the cluster head whenever
+the model has one). Others, asked for by name (:data:`ALL_PROTOCOLS`): ``rlp`` (reverse linear
+probing of the dataset's concept labels, :mod:`zoo.eval.rlp`), ``fewshot`` (N-way K-shot nearest
+centroid, :mod:`zoo.eval.fewshot`) and ``longtail`` (many/medium/few-shot accuracy on a ``*_lt``
+dataset, :mod:`zoo.eval.longtail`).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +20,12 @@ from zoo.eval.knn import knn_top1
 from zoo.eval.linear import linear_probe
 from zoo.eval.metrics import cluster_metrics
 
-__all__ = ["PROTOCOLS", "evaluate", "evaluate_features"]
+__all__ = ["ALL_PROTOCOLS", "PROTOCOLS", "evaluate", "evaluate_features"]
 
-PROTOCOLS: tuple[str, ...] = ("knn", "linear", "kmeans")
+PROTOCOLS: tuple[str, ...] = ("knn", "linear", "kmeans")  # the default set
+ALL_PROTOCOLS: tuple[str, ...] = (*PROTOCOLS, "fewshot", "rlp", "longtail")
+_NEEDS_TRAIN = frozenset({"knn", "linear", "rlp", "longtail"})
+_FEWSHOT_SHOTS = (1, 5)
 
 # Linear-probe settings used by evaluate_features (reported in the "protocol" string).
 _LINEAR_EPOCHS = 100
@@ -26,10 +36,10 @@ def _check_protocols(protocols: str | Iterable[str]) -> tuple[str, ...]:
     if isinstance(protocols, str):
         protocols = [p.strip() for p in protocols.split(",") if p.strip()]
     protocols = tuple(protocols)
-    unknown = [p for p in protocols if p not in PROTOCOLS]
+    unknown = [p for p in protocols if p not in ALL_PROTOCOLS]
     if unknown:
-        raise ValueError(f"unknown evaluation protocol(s) {unknown}; known: {', '.join(PROTOCOLS)}")
-    return protocols
+        raise ValueError(f"unknown evaluation protocol(s) {unknown}; known: {', '.join(ALL_PROTOCOLS)}")
+    return tuple(dict.fromkeys(protocols))
 
 
 def evaluate_features(
@@ -39,6 +49,11 @@ def evaluate_features(
     k: int = 20,
     temperature: float = 0.07,
     seed: int = 0,
+    rlp_clusters: int | None = None,
+    fewshot_ways: int | None = None,
+    fewshot_shots: int | Iterable[int] = _FEWSHOT_SHOTS,
+    fewshot_episodes: int = 600,
+    fewshot_queries: int = 15,
 ) -> dict[str, float]:
     """Evaluate frozen features; ``train``/``test`` are :func:`extract_features` dicts.
 
@@ -48,6 +63,17 @@ def evaluate_features(
     - ``linear``: ``linear_top1``, L-BFGS logistic regression on standardised train features.
     - ``kmeans``: ``kmeans_acc``, ``kmeans_nmi``, ``kmeans_ari``, k-means on the L2-normalised
       test features with k = number of test classes.
+
+    - ``fewshot``: ``fewshot_{N}way_{K}shot`` and ``..._ci95`` for each ``K`` in ``fewshot_shots``,
+      nearest-centroid episodes on the test features (:func:`zoo.eval.fewshot.fewshot_eval`);
+      ``fewshot_ways`` defaults to ``min(5, number of test classes)``.
+    - ``rlp``: reverse linear probing (:func:`zoo.eval.rlp.reverse_linear_probe`) of
+      ``train["concepts"]``/``test["concepts"]`` (name -> integer codes): k-means with
+      ``rlp_clusters`` (default: number of test classes) clusters on the train features, probes
+      fitted on train, scored on test; keys ``rlp_k``, ``rlp_nmi[NAME]``, ``rlp_mi[NAME]``,
+      ``rlp_acc[NAME]`` for every concept and pair ``a&b``, ``rlp_gain[a&b]``.
+    - ``longtail``: ``lt_{knn,linear}_{top1,many,medium,few}`` and ``lt_num_{many,medium,few}``
+      (:func:`zoo.eval.longtail.evaluate_longtail`, class groups from the train label counts).
 
     And, whenever ``test`` has ``cluster_probs``: ``head_acc``, ``head_nmi``, ``head_ari`` of the
     argmax cluster against the test labels.
@@ -71,13 +97,34 @@ def evaluate_features(
         results["linear_top1"] = probe["top1"]
     if "kmeans" in protocols:
         results.update(kmeans_metrics(test["features"], test["labels"], seed=seed))
+    if "fewshot" in protocols:
+        from zoo.eval.fewshot import fewshot_eval
+
+        ways = fewshot_ways or min(5, int(np.unique(test["labels"]).shape[0]))
+        results.update(fewshot_eval(test["features"], test["labels"], ways=ways, shots=fewshot_shots,
+                                    queries=fewshot_queries, episodes=fewshot_episodes, seed=seed))
+    if "rlp" in protocols:
+        from zoo.eval.rlp import reverse_linear_probe, rlp_metrics
+
+        if not train.get("concepts") or not test.get("concepts"):
+            raise ValueError("the rlp protocol needs concept labels: train['concepts'] and test['concepts']")
+        clusters = rlp_clusters or int(np.unique(test["labels"]).shape[0])
+        rlp = reverse_linear_probe(train["features"], train["concepts"], clusters, test_features=test["features"],
+                                   test_concepts=test["concepts"], seed=seed)
+        results.update(rlp_metrics(rlp))
+    if "longtail" in protocols:
+        from zoo.eval.longtail import evaluate_longtail
+
+        lt = evaluate_longtail(train, test, protocols=("knn", "linear"), k=k, temperature=temperature)
+        results.update({f"lt_{key}": value for key, value in lt.items()})
     if test.get("cluster_probs") is not None:
         pred = np.asarray(test["cluster_probs"]).argmax(axis=1)
         results.update({f"head_{key}": v for key, v in cluster_metrics(test["labels"], pred).items()})
     return results
 
 
-def _protocol_string(protocols: tuple[str, ...], k: int, temperature: float, num_classes: int) -> str:
+def _protocol_string(protocols: tuple[str, ...], k: int, temperature: float, num_classes: int,
+                     rlp_clusters: int | None = None, fewshot: str = "") -> str:
     parts = []
     if "knn" in protocols:
         parts.append(f"kNN: cosine, k={k}, T={temperature}, weighted vote")
@@ -87,7 +134,26 @@ def _protocol_string(protocols: tuple[str, ...], k: int, temperature: float, num
         )
     if "kmeans" in protocols:
         parts.append(f"k-means: k={num_classes} on L2-normalised test features, Hungarian ACC/NMI/ARI")
+    if "fewshot" in protocols:
+        parts.append(f"few-shot: {fewshot} episodes on test features, cosine nearest centroid, "
+                     f"mean and 95% half-width 1.96*std/sqrt(episodes)")
+    if "rlp" in protocols:
+        parts.append(f"RLP: k-means k={rlp_clusters or num_classes} on L2-normalised train features, logistic "
+                     f"regression one-hot concepts (and pairs) -> cluster, NMI(cluster, prediction) on test")
+    if "longtail" in protocols:
+        parts.append("long-tailed: kNN and linear probe fitted on the long-tailed train split, balanced test; "
+                     "many (>100 train images) / medium / few (<20) class groups")
     return "; ".join(parts)
+
+
+def _concepts(ds: Any, dataset: str) -> dict[str, np.ndarray]:
+    concepts = getattr(ds, "concepts", None)
+    if not concepts:
+        raise ValueError(
+            f"dataset {dataset!r} has no concept labels, which the rlp protocol (reverse linear probing) needs; "
+            f"use a dataset with .concepts, e.g. --data shapes (shape / colour / background)"
+        )
+    return {name: np.asarray(v) for name, v in concepts.items()}
 
 
 def evaluate(
@@ -100,6 +166,10 @@ def evaluate(
     seed: int = 0,
     k: int = 20,
     temperature: float = 0.07,
+    rlp_clusters: int | None = None,
+    fewshot_ways: int | None = None,
+    fewshot_shots: int | Iterable[int] = _FEWSHOT_SHOTS,
+    fewshot_episodes: int = 600,
     **dataset_kwargs: Any,
 ) -> dict[str, Any]:
     """Extract train/test features of ``model`` on a named dataset and run :func:`evaluate_features`.
@@ -108,25 +178,49 @@ def evaluate(
     **dataset_kwargs)``. Cluster-head metrics (``head_*``) are added when the model has a cluster
     head. The result also holds ``"dataset"``, ``"split": "test"`` and ``"protocol"`` (a short
     description of the settings).
+
+    ``rlp`` takes the concept labels from the datasets' ``.concepts`` (``shapes``) and raises a
+    ``ValueError`` for a dataset without them; ``longtail`` needs a long-tailed dataset
+    (``mnist5k_lt100``, ``shapes_lt10``, ...). Both are checked before any feature is extracted.
     """
     from zoo.data import load_dataset, transform_for
 
     protocols = _check_protocols(protocols)
+    if "longtail" in protocols:
+        from zoo.data.longtail import parse_longtail_name
+
+        if parse_longtail_name(dataset) is None:
+            raise ValueError(
+                f"the longtail protocol needs a long-tailed dataset (<base>_lt<imbalance>, e.g. mnist5k_lt100), "
+                f"got {dataset!r}"
+            )
     transform = transform_for(model)
     opts = dict(batch_size=batch_size, device=device, progress=progress)
-    train: dict[str, Any] = {}
-    if "knn" in protocols or "linear" in protocols:  # k-means and the cluster head use only test
-        train_ds = load_dataset(dataset, "train", transform=transform, **dataset_kwargs)
-        train = extract_features(model, train_ds, **opts)
     test_ds = load_dataset(dataset, "test", transform=transform, **dataset_kwargs)
+    train_ds = None
+    if _NEEDS_TRAIN & set(protocols):  # k-means, few-shot and the cluster head use only test
+        train_ds = load_dataset(dataset, "train", transform=transform, **dataset_kwargs)
+    concepts = {}
+    if "rlp" in protocols:
+        concepts = {"test": _concepts(test_ds, dataset), "train": _concepts(train_ds, dataset)}
+    train: dict[str, Any] = {}
+    if train_ds is not None:
+        train = extract_features(model, train_ds, **opts)
+        if concepts:
+            train["concepts"] = concepts["train"]
     test = extract_features(model, test_ds, cluster_probs=True, **opts)
+    if concepts:
+        test["concepts"] = concepts["test"]
     results: dict[str, Any] = evaluate_features(
-        train, test, protocols=protocols, k=k, temperature=temperature, seed=seed
+        train, test, protocols=protocols, k=k, temperature=temperature, seed=seed, rlp_clusters=rlp_clusters,
+        fewshot_ways=fewshot_ways, fewshot_shots=fewshot_shots, fewshot_episodes=fewshot_episodes,
     )
     num_classes = int(np.unique(test["labels"]).shape[0])
+    fewshot = ", ".join(k_ for k_ in results if k_.startswith("fewshot_") and not k_.endswith("_ci95"))
+    fewshot = f"{fewshot_episodes} seeded {fewshot.replace('fewshot_', '')}".strip()
     results.update(
         dataset=dataset,
         split="test",
-        protocol=_protocol_string(protocols, k, temperature, num_classes),
+        protocol=_protocol_string(protocols, k, temperature, num_classes, rlp_clusters, fewshot),
     )
     return results

@@ -1,0 +1,980 @@
+"""HTTP feature server: KServe v2 / Triton protocol with dynamic batching, plus endpoints for people.
+
+``create_app(encoder, index)`` builds a FastAPI app around an in-process onnxruntime encoder
+(:class:`serve.onnx.OnnxEncoder`, or any object with the same attributes and ``run``):
+
+- KServe v2 / Triton HTTP protocol (``/v2``, ``/v2/health/{live,ready}``, ``/v2/models/{name}[/versions/1]``,
+  ``.../ready``, ``.../config``, ``/v2/repository/index``, ``.../infer`` with JSON tensors and the binary
+  tensor data extension), so ``tritonclient.http.InferenceServerClient`` works unchanged;
+- ``POST /embed`` (images -> features), ``POST /search`` (image -> nearest indexed items),
+  ``POST /classify`` (image -> cluster of the model's cluster head);
+- ``GET /metrics`` (Prometheus text: requests, failures, batch sizes, queue wait, compute time, in flight).
+
+Requests are merged by a :class:`DynamicBatcher` per model: the first queued request waits at most
+``max_queue_delay_ms`` for others, up to ``max_batch_size`` images go into ONE ``encoder.run`` call in a
+worker thread (the event loop stays free), and the results are split back. Optional bearer-token auth
+(everything but ``/v2/health/*``), a request body limit (413, from Content-Length and while streaming),
+a per-request timeout (504). Client errors are 4xx with ``{"error": "..."}`` naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import hmac
+import json
+import math
+import signal
+import socket
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from serve.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessor, decode_image
+
+if TYPE_CHECKING:
+    from serve.index import FeatureIndex
+    from serve.onnx import OnnxEncoder
+
+MODEL_VERSION = "1"
+HEALTH_PREFIX = "/v2/health"
+INFER_HEADER = "Inference-Header-Content-Length"
+_NUMPY_TO_TRITON = {"float32": "FP32"}
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": message}`` with ``status`` (4xx: the client's fault)."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def _error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=dict(headers or {}))
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+class ServerMetrics:
+    """Prometheus metrics of one app, in their own registry (several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("zoo_http_requests", "HTTP requests by endpoint, method and status",
+                                ["endpoint", "method", "status"], registry=r)
+        self.failures = Counter("zoo_http_failures", "requests answered with an error (kind: client 4xx, "
+                                "server 5xx, timeout 504)", ["endpoint", "kind"], registry=r)
+        self.latency = Histogram("zoo_http_request_duration_seconds", "request latency", ["endpoint"],
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                                 registry=r)
+        self.in_flight = Gauge("zoo_http_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.batch_size = Histogram("zoo_batch_size", "images per encoder call (dynamic batching); "
+                                    "_sum/_count = average batch size", ["model"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.batch_requests = Histogram("zoo_batch_requests", "requests merged into one encoder call", ["model"],
+                                        buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.queue_wait = Histogram("zoo_queue_wait_seconds", "time a request waited in the batching queue",
+                                    ["model"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                                        0.5, 1, 2.5, 5), registry=r)
+        self.compute = Histogram("zoo_compute_seconds", "encoder.run time per merged batch", ["model"],
+                                 buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+                                 registry=r)
+        self.images = Counter("zoo_images", "images encoded", ["model"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# ------------------------------------------------------------------------------------- dynamic batching
+
+
+@dataclass
+class _Job:
+    images: np.ndarray
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class DynamicBatcher:
+    """Merges concurrent requests for one encoder into batched ``encoder.run`` calls.
+
+    ``await submit(images)`` queues ``[n,3,H,W]`` float32 images (split into pieces of at most
+    ``max_batch_size``) and returns the encoder outputs for exactly those images. A worker task takes
+    the oldest job, waits until ``max_queue_delay_s`` after that job arrived for more (or until the batch
+    is full), concatenates, runs the encoder once in a dedicated thread and splits the outputs back.
+    ``calls`` / ``batch_sizes`` record what ran (tests and benchmarks read them).
+    """
+
+    def __init__(self, encoder: Any, *, max_batch_size: int = 32, max_queue_delay_s: float = 0.002,
+                 metrics: ServerMetrics | None = None):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_queue_delay_s < 0:
+            raise ValueError(f"max_queue_delay must be >= 0, got {max_queue_delay_s}")
+        self.encoder = encoder
+        self.name = str(encoder.name)
+        self.max_batch_size = int(max_batch_size)
+        self.max_queue_delay_s = float(max_queue_delay_s)
+        self.metrics = metrics
+        self.calls = 0
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"zoo-encode-{self.name}")
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    def _ensure_worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._task is None or self._task.done():
+            self._loop = loop
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._worker(), name=f"zoo-batcher-{self.name}")
+
+    async def submit(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Encoder outputs for ``images`` ``[n,3,H,W]``, computed in merged batches."""
+        if self._closed:
+            raise RuntimeError("the server is shutting down")
+        self._ensure_worker()
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(images[i:i + self.max_batch_size], loop.create_future())
+                for i in range(0, len(images), self.max_batch_size)]
+        self._jobs.extend(jobs)
+        self._wake.set()
+        try:
+            parts = await asyncio.gather(*(j.future for j in jobs))
+        except BaseException:
+            for j in jobs:  # timed out / disconnected: the worker skips these
+                j.future.cancel()
+            raise
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._jobs:
+                self._wake.clear()
+                await self._wake.wait()
+            first = self._jobs[0]
+            if first.future.done():
+                self._jobs.popleft()
+                continue
+            # Wait until the oldest job is max_queue_delay old, unless the batch fills up first.
+            deadline = first.enqueued + self.max_queue_delay_s
+            while sum(len(j.images) for j in self._jobs if not j.future.done()) < self.max_batch_size:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), remaining)
+            batch: list[_Job] = []
+            n = 0
+            while self._jobs:
+                job = self._jobs[0]
+                if job.future.done():
+                    self._jobs.popleft()
+                    continue
+                if batch and n + len(job.images) > self.max_batch_size:
+                    break
+                batch.append(self._jobs.popleft())
+                n += len(job.images)
+            if batch:
+                await self._run(batch, n, loop)
+
+    async def _run(self, batch: list[_Job], n: int, loop: asyncio.AbstractEventLoop) -> None:
+        start = time.perf_counter()
+        x = batch[0].images if len(batch) == 1 else np.concatenate([j.images for j in batch])
+        try:
+            out = await loop.run_in_executor(self._executor, self.encoder.run, x)
+        except Exception as e:  # noqa: BLE001 - handed to every waiting request
+            for j in batch:
+                if not j.future.done():
+                    j.future.set_exception(e)
+            return
+        finally:
+            self.calls += 1
+            self.batch_sizes.append(n)
+        compute = time.perf_counter() - start
+        if self.metrics is not None:
+            m = self.metrics
+            m.batch_size.labels(self.name).observe(n)
+            m.batch_requests.labels(self.name).observe(len(batch))
+            m.compute.labels(self.name).observe(compute)
+            m.images.labels(self.name).inc(n)
+            for j in batch:
+                m.queue_wait.labels(self.name).observe(max(0.0, start - j.enqueued))
+        offset = 0
+        for j in batch:
+            k = len(j.images)
+            if not j.future.done():
+                j.future.set_result({name: v[offset:offset + k] for name, v in out.items()})
+            offset += k
+
+    async def aclose(self) -> None:
+        """Stop the worker; queued requests fail with 'shutting down'."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        while self._jobs:
+            j = self._jobs.popleft()
+            if not j.future.done():
+                j.future.set_exception(RuntimeError("the server is shutting down"))
+        self._executor.shutdown(wait=False)
+
+
+# ------------------------------------------------------------------------------------ served models
+
+
+class ServedModel:
+    """One encoder with its batcher, preprocessing and KServe v2 metadata."""
+
+    def __init__(self, encoder: Any, batcher: DynamicBatcher, max_batch_size: int, max_queue_delay_s: float):
+        self.encoder = encoder
+        self.name = str(encoder.name)
+        self.batcher = batcher
+        self.input_name = str(getattr(encoder, "input_name", "images"))
+        self.input_shape = tuple(int(s) for s in encoder.input_shape)
+        self.output_names = [str(n) for n in encoder.output_names]
+        self.embed_dim = int(encoder.embed_dim)
+        self.num_clusters = int(encoder.num_clusters) if getattr(encoder, "num_clusters", None) else None
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self._preprocessor: Preprocessor | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def preprocessor(self) -> Preprocessor:
+        """The model's image preprocessing, built on first use (it imports torch, which the v2 API needs not)."""
+        with self._lock:
+            if self._preprocessor is None:
+                pre = Preprocessor(self.encoder.pretrained_cfg)
+                if tuple(pre.input_shape) != self.input_shape:
+                    raise ValueError(f"model {self.name!r}: preprocessing gives {pre.input_shape} but the "
+                                     f"encoder takes {self.input_shape}")
+                self._preprocessor = pre
+            return self._preprocessor
+
+    def output_dim(self, name: str) -> int:
+        if name == "features":
+            return self.embed_dim
+        if name == "cluster_probs" and self.num_clusters:
+            return self.num_clusters
+        shape = getattr(self.encoder, "output_shapes", {}).get(name)
+        return int(shape[-1]) if shape else -1
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "versions": [MODEL_VERSION],
+            "platform": "onnxruntime_onnx",
+            "inputs": [{"name": self.input_name, "datatype": "FP32", "shape": [-1, *self.input_shape]}],
+            "outputs": [{"name": n, "datatype": "FP32", "shape": [-1, self.output_dim(n)]} for n in self.output_names],
+        }
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "platform": "onnxruntime_onnx",
+            "backend": "onnxruntime",
+            "max_batch_size": self.max_batch_size,
+            "input": [{"name": self.input_name, "data_type": "TYPE_FP32", "dims": list(self.input_shape)}],
+            "output": [{"name": n, "data_type": "TYPE_FP32", "dims": [self.output_dim(n)]} for n in self.output_names],
+            "dynamic_batching": {"max_queue_delay_microseconds": int(round(self.max_queue_delay_s * 1e6))},
+            "parameters": {"zoo_config": {"string_value": json.dumps(self.encoder.pretrained_cfg, default=str)}},
+        }
+
+
+# -------------------------------------------------------------------------------- KServe v2 request
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Request body with Content-Encoding gzip/deflate undone, refusing output over ``limit`` bytes."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ApiError(415, f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or none)")
+    d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = d.decompress(body, limit + 1)
+        if len(out) > limit or d.unconsumed_tail:
+            raise ApiError(413, f"request body decompresses to more than the limit of {limit} bytes")
+        out += d.flush()
+    except zlib.error as e:
+        raise ApiError(400, f"request body is not valid {encoding} data ({e})") from None
+    if not d.eof:
+        raise ApiError(400, f"request body: truncated {encoding} stream")
+    return out
+
+
+def parse_infer_request(body: bytes, header_length: str | None, model: ServedModel
+                        ) -> tuple[dict[str, Any], np.ndarray]:
+    """The request JSON and the input images ``[B,3,H,W]`` float32 of a v2 infer request; ApiError(400) if bad."""
+    if header_length is not None:
+        try:
+            hl = int(header_length)
+        except ValueError:
+            raise ApiError(400, f"{INFER_HEADER} header must be an integer, got {header_length!r}") from None
+        if not 0 < hl <= len(body):
+            raise ApiError(400, f"{INFER_HEADER} = {hl} but the body has {len(body)} bytes")
+    else:
+        hl = len(body)
+    try:
+        req = json.loads(body[:hl])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"inference request header is not valid JSON ({e})") from None
+    if not isinstance(req, dict):
+        raise ApiError(400, "inference request must be a JSON object with 'inputs'")
+    inputs = req.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise ApiError(400, "inference request has no 'inputs' list")
+    binary = memoryview(body)[hl:]
+    offset = 0
+    images = None
+    for i, inp in enumerate(inputs):
+        if not isinstance(inp, dict):
+            raise ApiError(400, f"inputs[{i}] must be an object with name, shape, datatype")
+        name = inp.get("name")
+        if name != model.input_name:
+            raise ApiError(400, f"unknown input {name!r} for model {model.name!r}; it takes one input "
+                                f"{model.input_name!r}")
+        if images is not None:
+            raise ApiError(400, f"input {name!r} given twice")
+        datatype = inp.get("datatype")
+        if datatype != "FP32":
+            raise ApiError(400, f"input {name!r}: datatype {datatype!r} not supported; model {model.name!r} "
+                                "takes FP32")
+        shape = inp.get("shape")
+        want = [-1, *model.input_shape]
+        if (not isinstance(shape, list) or len(shape) != 4 or not all(type(s) is int for s in shape)
+                or shape[0] < 1 or tuple(shape[1:]) != model.input_shape):
+            raise ApiError(400, f"input {name!r}: shape {shape!r} does not match the model's {want} "
+                                "(batch >= 1)")
+        count = math.prod(shape)
+        params = inp.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ApiError(400, f"input {name!r}: parameters must be an object")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if type(size) is not int or size < 0:
+                raise ApiError(400, f"input {name!r}: binary_data_size must be a non-negative integer")
+            if size != count * 4:
+                raise ApiError(400, f"input {name!r}: binary_data_size {size} != {count * 4} bytes for shape "
+                                    f"{shape} FP32")
+            if offset + size > len(binary):
+                raise ApiError(400, f"input {name!r}: binary_data_size {size} but only {len(binary) - offset} "
+                                    "bytes of binary data follow the JSON header")
+            arr = np.frombuffer(binary[offset:offset + size], dtype="<f4")
+            offset += size
+        else:
+            if "data" not in inp:
+                raise ApiError(400, f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+            try:
+                arr = np.asarray(inp["data"], dtype=np.float32)
+            except (ValueError, TypeError) as e:
+                raise ApiError(400, f"input {name!r}: data is not a (flat or nested) list of numbers ({e})") from None
+            if arr.size != count:
+                raise ApiError(400, f"input {name!r}: {arr.size} values in data but shape {shape} needs {count}")
+        images = np.ascontiguousarray(arr.reshape(shape), dtype=np.float32)
+    if offset != len(binary):
+        raise ApiError(400, f"{len(binary) - offset} bytes of binary data after the JSON header are not claimed "
+                            "by any input's binary_data_size")
+    return req, images
+
+
+def _requested_outputs(req: dict[str, Any], model: ServedModel) -> list[tuple[str, bool]]:
+    params = req.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ApiError(400, "request parameters must be an object")
+    default_binary = bool(params.get("binary_data_output", False))
+    outputs = req.get("outputs")
+    if outputs is None:
+        return [(n, default_binary) for n in model.output_names]
+    if not isinstance(outputs, list):
+        raise ApiError(400, "'outputs' must be a list of {name, parameters}")
+    wanted = []
+    for o in outputs:
+        name = o.get("name") if isinstance(o, dict) else None
+        if name not in model.output_names:
+            raise ApiError(400, f"unknown output {name!r} for model {model.name!r}; it has {model.output_names}")
+        oparams = o.get("parameters") or {}
+        if not isinstance(oparams, dict):
+            raise ApiError(400, f"output {name!r}: parameters must be an object")
+        if oparams.get("classification"):
+            raise ApiError(400, f"output {name!r}: the classification extension is not supported")
+        if "shared_memory_region" in oparams:
+            raise ApiError(400, f"output {name!r}: shared memory is not supported by this server")
+        wanted.append((name, bool(oparams.get("binary_data", default_binary))))
+    return wanted
+
+
+def build_infer_response(req: dict[str, Any], model: ServedModel, out: Mapping[str, np.ndarray]
+                         ) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of a v2 infer response (JSON, or JSON + binary tensors after it)."""
+    resp: dict[str, Any] = {"model_name": model.name, "model_version": MODEL_VERSION}
+    if "id" in req:
+        resp["id"] = req["id"]
+    tensors = []
+    blobs: list[bytes] = []
+    for name, binary in _requested_outputs(req, model):
+        arr = np.ascontiguousarray(out[name], dtype="<f4")
+        t: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(arr.shape)}
+        if binary:
+            raw = arr.tobytes()
+            blobs.append(raw)
+            t["parameters"] = {"binary_data_size": len(raw)}
+        else:
+            t["data"] = arr.ravel().tolist()
+        tensors.append(t)
+    resp["outputs"] = tensors
+    header = json.dumps(resp, separators=(",", ":")).encode()
+    if not blobs:
+        return header, {"Content-Type": "application/json"}
+    return b"".join([header, *blobs]), {"Content-Type": "application/octet-stream", INFER_HEADER: str(len(header))}
+
+
+# ------------------------------------------------------------------------------------ ASGI guard
+
+
+class _Guard:
+    """Pure ASGI middleware: auth, body limit (buffered, 413), in-flight gauge, request metrics."""
+
+    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int, metrics: ServerMetrics,
+                 router: Any):
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = int(max_body_bytes)
+        self.metrics = metrics
+        self.router = router
+        self._own: set[int] | None = None
+
+    def _endpoint(self, scope: dict, pristine: dict) -> str:
+        """The route template (``/v2/models/{name}/infer``) or mount path (``/demo``): bounded label values.
+
+        ``scope["route"]`` when routing reached one of this app's routes; otherwise (answered before
+        routing, or a mounted app, which rewrites ``route`` and ``root_path``) match ``pristine``, the
+        scope as it came in.
+        """
+        if self._own is None:
+            self._own = {id(r) for r in self.router.routes}
+        route = scope.get("route")
+        if route is not None and id(route) in self._own:
+            return str(route.path)
+        scope = pristine
+        partial = None
+        for r in self.router.routes:
+            match, _ = r.matches(scope)
+            if match == Match.FULL:
+                return str(getattr(r, "path", None) or "unmatched")
+            if match == Match.PARTIAL and partial is None:
+                partial = r  # e.g. the right path with another method (405)
+        return str(getattr(partial, "path", None) or "unmatched")
+
+    async def _reply(self, send: Callable, status: int, message: str, headers: Mapping[str, str] | None = None
+                     ) -> None:
+        body = json.dumps({"error": message}).encode()
+        hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        hdrs += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+        await send({"type": "http.response.start", "status": status, "headers": hdrs})
+        await send({"type": "http.response.body", "body": body})
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        got = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = got.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket" and self.api_key and not scope["path"].startswith(HEALTH_PREFIX):
+                headers = dict(scope.get("headers") or [])
+                if not self._authorized(headers):
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+            await self.app(scope, receive, send)
+            return
+        m = self.metrics
+        pristine = dict(scope)
+        status = {"code": 500}
+        start = time.perf_counter()
+
+        async def send_wrapped(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        m.in_flight.inc()
+        try:
+            await self._handle(scope, receive, send_wrapped)
+        finally:
+            m.in_flight.dec()
+            endpoint = self._endpoint(scope, pristine)
+            code = status["code"]
+            m.requests.labels(endpoint, scope["method"], str(code)).inc()
+            m.latency.labels(endpoint).observe(time.perf_counter() - start)
+            if code >= 400:
+                kind = "timeout" if code == 504 else ("client" if code < 500 else "server")
+                m.failures.labels(endpoint, kind).inc()
+
+    async def _handle(self, scope: dict, receive: Callable, send: Callable) -> None:
+        headers = dict(scope.get("headers") or [])
+        if self.api_key and not scope["path"].startswith(HEALTH_PREFIX) and not self._authorized(headers):
+            missing = b"authorization" not in headers
+            msg = ("missing API key: send 'Authorization: Bearer <key>'" if missing
+                   else "invalid API key in the Authorization header")
+            await self._reply(send, 401, msg, {"WWW-Authenticate": 'Bearer realm="zoo"' +
+                                               ("" if missing else ', error="invalid_token"')})
+            return
+        limit = self.max_body_bytes
+        too_big = f"request body exceeds the limit of {limit} bytes"
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                declared_n = int(declared)
+            except ValueError:
+                await self._reply(send, 400, f"invalid Content-Length header {declared!r}")
+                return
+            if declared_n > limit:
+                # No "Connection: close": uvicorn then reads and drops the rest of the body, so the client
+                # (still sending) gets this answer instead of a connection reset.
+                await self._reply(send, 413, f"{too_big} (Content-Length: {declared_n})")
+                return
+        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE") and declared is None \
+                and b"transfer-encoding" not in headers:
+            await self.app(scope, receive, send)
+            return
+        # Read the whole body (bounded) before the app sees it: a chunked body over the limit is refused
+        # while it streams, and handlers never run on a partial body.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await self._reply(send, 413, too_big)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        delivered = False
+
+        async def replay() -> dict:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+# ----------------------------------------------------------------------------------------- the app
+
+
+def create_app(
+    encoder: OnnxEncoder | Sequence[OnnxEncoder],
+    index: FeatureIndex | None = None,
+    *,
+    api_key: str | None = None,
+    max_batch_size: int = 32,
+    max_queue_delay_ms: float = 2.0,
+    max_body_bytes: int = 16 * 2**20,
+    timeout_s: float = 30.0,
+    demo_mount: Callable[[FastAPI], Any] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_files: int = 256,
+) -> FastAPI:
+    """The feature server app for ``encoder`` (or several), with ``index`` behind ``/search``.
+
+    ``index`` must have been built by the served model (same name); ``demo_mount(app)`` mounts extra
+    routes (the Gradio demo). Everything but ``/v2/health/*`` needs ``Authorization: Bearer <api_key>``
+    when ``api_key`` is set. ``app.state.zoo`` holds the served models, batchers and metrics.
+    """
+    encoders = list(encoder) if isinstance(encoder, (list, tuple)) else [encoder]
+    if not encoders:
+        raise ValueError("create_app needs at least one encoder")
+    if timeout_s <= 0 or max_body_bytes <= 0:
+        raise ValueError("timeout_s and max_body_bytes must be positive")
+    metrics = ServerMetrics()
+    delay_s = max_queue_delay_ms / 1000.0
+    models: dict[str, ServedModel] = {}
+    for enc in encoders:
+        batcher = DynamicBatcher(enc, max_batch_size=max_batch_size, max_queue_delay_s=delay_s, metrics=metrics)
+        served = ServedModel(enc, batcher, max_batch_size, delay_s)
+        if served.name in models:
+            raise ValueError(f"two encoders named {served.name!r}")
+        models[served.name] = served
+    default = next(iter(models.values()))
+    if index is not None:
+        if index.model_name not in models:
+            raise ValueError(f"the index was built by model {index.model_name!r} but the server runs "
+                             f"{sorted(models)}; rebuild it with `zoo index build {default.name} ...`")
+        if int(index.dim) != models[index.model_name].embed_dim:
+            raise ValueError(f"the index holds {index.dim}-d features but model {index.model_name!r} gives "
+                             f"{models[index.model_name].embed_dim}-d")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        for mdl in models.values():
+            await mdl.batcher.aclose()
+
+    try:
+        from importlib.metadata import version as _pkg_version
+
+        server_version = _pkg_version("selfsup-zoo")
+    except Exception:  # noqa: BLE001 - running from a source tree
+        server_version = "0"
+    app = FastAPI(title="selfsup-zoo feature server", version=server_version, lifespan=lifespan,
+                  description="KServe v2 / Triton HTTP protocol (+ binary tensor data), image upload -> "
+                              "features / nearest neighbours / cluster, Prometheus /metrics.")
+    app.state.zoo = {"models": models, "index": index, "metrics": metrics, "default": default.name}
+
+    # ---- errors: always {"error": "..."}
+    @app.exception_handler(ApiError)
+    async def _api_error(_req: Request, exc: ApiError) -> JSONResponse:
+        return _error_response(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(ImageDecodeError)
+    async def _decode_error(_req: Request, exc: ImageDecodeError) -> JSONResponse:
+        return _error_response(400, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for e in exc.errors():
+            loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query"))
+            parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+        return _error_response(400, "invalid request: " + "; ".join(parts))
+
+    @app.exception_handler(Exception)
+    async def _internal(_req: Request, exc: Exception) -> JSONResponse:
+        return _error_response(500, f"internal server error: {type(exc).__name__}: {exc}")
+
+    # ---- helpers
+    def get_model(name: str, version: str | None = None) -> ServedModel:
+        mdl = models.get(name)
+        if mdl is None:
+            raise ApiError(404, f"unknown model {name!r}; this server has {sorted(models)}")
+        if version not in (None, "", MODEL_VERSION):
+            raise ApiError(404, f"model {name!r} has no version {version!r}; versions: [{MODEL_VERSION!r}]")
+        return mdl
+
+    async def timed(coro: Awaitable[Any]) -> Any:
+        try:
+            return await asyncio.wait_for(coro, timeout_s)
+        except (TimeoutError, asyncio.TimeoutError):
+            raise ApiError(504, f"request did not finish within the server timeout of {timeout_s:g} s") from None
+
+    async def images_from_uploads(mdl: ServedModel, uploads: Sequence[UploadFile]) -> tuple[np.ndarray, list[str]]:
+        if not uploads:
+            raise ApiError(400, "no image file in the request (multipart form field 'file' / 'files')")
+        if len(uploads) > max_files:
+            raise ApiError(400, f"{len(uploads)} files in one request; the limit is {max_files}")
+        names = [u.filename or f"file{i}" for i, u in enumerate(uploads)]
+        blobs = [await u.read() for u in uploads]
+
+        def prepare() -> np.ndarray:
+            pil = [decode_image(b, max_pixels=max_pixels, name=n) for b, n in zip(blobs, names, strict=True)]
+            return mdl.preprocessor.batch(pil)
+
+        return await asyncio.to_thread(prepare), names
+
+    # ---- KServe v2 / Triton
+    @app.get("/v2", tags=["kserve-v2"])
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": "selfsup-zoo", "version": server_version,
+                "extensions": ["binary_tensor_data", "model_configuration", "model_repository"]}
+
+    @app.get(HEALTH_PREFIX + "/live", tags=["kserve-v2"])
+    async def live() -> dict[str, Any]:
+        return {"live": True}
+
+    @app.get(HEALTH_PREFIX + "/ready", tags=["kserve-v2"])
+    async def ready() -> dict[str, Any]:
+        return {"ready": True}
+
+    @app.get("/v2/models/{name}", tags=["kserve-v2"])
+    @app.get("/v2/models/{name}/versions/{version}", tags=["kserve-v2"])
+    async def model_metadata(name: str, version: str | None = None) -> dict[str, Any]:
+        return get_model(name, version).metadata()
+
+    @app.get("/v2/models/{name}/ready", tags=["kserve-v2"])
+    @app.get("/v2/models/{name}/versions/{version}/ready", tags=["kserve-v2"])
+    async def model_ready(name: str, version: str | None = None) -> dict[str, Any]:
+        get_model(name, version)
+        return {"name": name, "ready": True}
+
+    @app.get("/v2/models/{name}/config", tags=["kserve-v2"])
+    @app.get("/v2/models/{name}/versions/{version}/config", tags=["kserve-v2"])
+    async def model_config(name: str, version: str | None = None) -> dict[str, Any]:
+        return get_model(name, version).config()
+
+    @app.post("/v2/repository/index", tags=["kserve-v2"])
+    async def repository_index() -> list[dict[str, Any]]:
+        return [{"name": n, "version": MODEL_VERSION, "state": "READY"} for n in models]
+
+    @app.post("/v2/repository/models/{name}/load", tags=["kserve-v2"])
+    async def repository_load(name: str) -> dict[str, Any]:
+        get_model(name)  # every served model is loaded for the life of the server
+        return {}
+
+    @app.post("/v2/repository/models/{name}/unload", tags=["kserve-v2"])
+    async def repository_unload(name: str) -> dict[str, Any]:
+        get_model(name)
+        raise ApiError(400, "the embedded server cannot unload models; stop the server instead")
+
+    @app.post("/v2/models/{name}/infer", tags=["kserve-v2"])
+    @app.post("/v2/models/{name}/versions/{version}/infer", tags=["kserve-v2"])
+    async def infer(name: str, request: Request, version: str | None = None) -> Response:
+        mdl = get_model(name, version)
+        body = _decompress(await request.body(), request.headers.get("content-encoding", ""), max_body_bytes)
+        req, images = parse_infer_request(body, request.headers.get(INFER_HEADER), mdl)
+        _requested_outputs(req, mdl)  # validate before computing
+        out = await timed(mdl.batcher.submit(images))
+        content, headers = build_infer_response(req, mdl, out)
+        return Response(content, headers=headers, media_type=headers["Content-Type"])
+
+    # ---- for people
+    @app.get("/", tags=["info"])
+    async def root() -> dict[str, Any]:
+        return {"service": "selfsup-zoo feature server", "models": sorted(models),
+                "index": None if index is None else {"model": index.model_name, "size": int(index.ntotal)},
+                "endpoints": ["/embed", "/search", "/classify", "/v2", "/metrics", "/docs"]}
+
+    @app.post("/embed", tags=["images"])
+    async def embed(
+        files: list[UploadFile] = File(..., description="one or more image files"),
+        normalize: bool = Query(True, description="L2-normalise (like model.embed); false: raw forward_features"),
+        model: str | None = Query(None, description="served model (default: the first)"),
+    ) -> dict[str, Any]:
+        mdl = get_model(model or default.name)
+
+        async def work() -> dict[str, Any]:
+            x, names = await images_from_uploads(mdl, files)
+            feats = (await mdl.batcher.submit(x))["features"].astype(np.float32)
+            if normalize:
+                feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+            return {"model": mdl.name, "dim": int(feats.shape[1]), "normalized": normalize,
+                    "embeddings": feats.tolist(), "files": names}
+
+        return await timed(work())
+
+    @app.post("/search", tags=["images"])
+    async def search(
+        file: UploadFile = File(..., description="query image"),
+        k: int = Query(10, ge=1, le=1000, description="number of neighbours"),
+    ) -> dict[str, Any]:
+        if index is None:
+            raise ApiError(409, "no index is loaded: start the server with --index FOLDER (from `zoo index "
+                                "build`) or with the demo on, which indexes the model's dataset")
+        mdl = get_model(index.model_name)
+
+        async def work() -> dict[str, Any]:
+            x, names = await images_from_uploads(mdl, [file])
+            feats = (await mdl.batcher.submit(x))["features"].astype(np.float32)
+            res = await asyncio.to_thread(index.search, feats, k, mdl.name)
+            neighbours = res.to_list()[0]  # [{"rank", "id", "item", "score"[, "label"]}], best first
+            return {"model": mdl.name, "file": names[0], "k": k, "index_size": int(index.ntotal),
+                    "neighbours": neighbours}
+
+        return await timed(work())
+
+    @app.post("/classify", tags=["images"])
+    async def classify(
+        file: UploadFile = File(..., description="image to assign to a cluster"),
+        model: str | None = Query(None, description="served model (default: the first)"),
+    ) -> dict[str, Any]:
+        mdl = get_model(model or default.name)
+        if "cluster_probs" not in mdl.output_names:
+            raise ApiError(400, f"model {mdl.name!r} has no cluster head, so /classify cannot assign clusters; "
+                                "serve a model with one (e.g. scan_convnet_mnist5k) or use /embed + /search")
+
+        async def work() -> dict[str, Any]:
+            x, names = await images_from_uploads(mdl, [file])
+            probs = (await mdl.batcher.submit(x))["cluster_probs"][0].astype(np.float64)
+            c = int(np.argmax(probs))
+            return {"model": mdl.name, "file": names[0], "cluster": c, "confidence": float(probs[c]),
+                    "num_clusters": int(probs.shape[0]), "probabilities": probs.tolist()}
+
+        return await timed(work())
+
+    @app.get("/metrics", tags=["info"])
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    if demo_mount is not None:
+        demo_mount(app)
+    app.add_middleware(_Guard, api_key=api_key or None, max_body_bytes=max_body_bytes, metrics=metrics,
+                       router=app.router)
+    return app
+
+
+# ----------------------------------------------------------------------------------------- running
+
+
+class PortInUseError(OSError):
+    """The requested host:port is taken (the CLI answers with exit status 2)."""
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A bound (not yet listening) TCP socket for uvicorn; PortInUseError names the port when it is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted connections only when the socket says
+    # it is TCP; without it, Nagle + delayed ACKs add ~40 ms to every POST with a small response.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise PortInUseError(f"cannot listen on {host}:{port}: {e.strerror or e}; is another server running "
+                             "there? choose another port with --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(app: FastAPI, sock: socket.socket, *, graceful_shutdown_s: float = 30.0,
+               log_level: str = "info") -> int:
+    """Serve ``app`` on ``sock`` with uvicorn until SIGINT/SIGTERM; requests in flight finish first.
+
+    Returns 0 after a graceful shutdown (uvicorn re-raises the signal it caught once it has shut down;
+    the handler installed here absorbs it so the exit status is 0, not -15).
+    """
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=graceful_shutdown_s,
+                            access_log=False)
+    server = uvicorn.Server(config)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+    return 0 if server.started else 1
+
+
+def cli_serve(args: argparse.Namespace) -> int:
+    """``zoo serve``: the embedded server (onnxruntime in-process) or ``--backend triton``."""
+    if args.backend == "triton":
+        from serve.triton import serve_triton_backend
+
+        return serve_triton_backend(args)
+
+    try:  # fail fast, before any model is loaded
+        sock = bind_socket(args.host, args.port)
+    except PortInUseError as e:
+        print(f"zoo serve: {e}", file=sys.stderr)
+        return 2
+    try:
+        app, urls = _build_embedded(args)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        sock.close()
+        print(f"zoo serve: {e}", file=sys.stderr)
+        return 2
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    base = f"http://{host}:{args.port}"
+    print(f"zoo serve: model {urls['model']} ({urls['backend']})")
+    print(f"  API      {base}/v2  (KServe v2 / Triton protocol; /embed /search /classify)")
+    print(f"  docs     {base}/docs")
+    if urls.get("demo"):
+        print(f"  demo     {base}/demo")
+    print(f"  metrics  {base}/metrics")
+    if urls.get("index"):
+        print(f"  index    {urls['index']}")
+    sys.stdout.flush()
+    return run_server(app, sock, graceful_shutdown_s=float(args.timeout_s) + 5.0)
+
+
+def _build_embedded(args: argparse.Namespace) -> tuple[FastAPI, dict[str, Any]]:
+    from serve.onnx import OnnxEncoder, onnx_for_model
+
+    info: dict[str, Any] = {"backend": "embedded, onnxruntime"}
+    model = None
+    if str(args.model).endswith(".onnx"):
+        encoder = OnnxEncoder(args.model, threads=args.threads)
+    else:
+        from serve.onnx import load_model
+
+        model = load_model(args.model)  # registered name (pretrained when it has weights), folder, hf-hub:
+        encoder = OnnxEncoder(onnx_for_model(model), threads=args.threads)
+    info["model"] = encoder.name
+    data = args.data or encoder.pretrained_cfg.get("dataset")
+    index = None
+    demo_mount = None
+    if args.index:
+        from serve.index import FeatureIndex
+
+        index = FeatureIndex.load(args.index)
+        if index.model_name != encoder.name:
+            raise ValueError(f"index {args.index} was built by model {index.model_name!r}, but the server runs "
+                             f"{encoder.name!r}; build one with `zoo index build {encoder.name} ... --out DIR`")
+        info["index"] = f"{args.index} ({index.ntotal} items)"
+    if model is not None and not args.no_demo:
+        from serve import demo
+
+        session = demo.build_session(model, data=data)
+        if index is None:
+            index = session.index
+            info["index"] = f"{data} test split, in memory ({index.ntotal} items)"
+
+        def demo_mount(app: FastAPI) -> None:
+            demo.mount_demo(app, session, path="/demo")
+
+        info["demo"] = True
+    elif model is not None and index is None and data:
+        from serve.index import build_index
+
+        index = build_index(model, data=data, split="test")
+        info["index"] = f"{data} test split, in memory ({index.ntotal} items)"
+    app = create_app(encoder, index, api_key=args.api_key, max_batch_size=args.max_batch_size,
+                     max_queue_delay_ms=args.max_queue_delay_ms, max_body_bytes=int(args.max_body_mb * 2**20),
+                     timeout_s=args.timeout_s, demo_mount=demo_mount)
+    for served in app.state.zoo["models"].values():
+        served.preprocessor  # noqa: B018 - build (and check) the preprocessing before the first request
+    return app, info
