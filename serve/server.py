@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import hmac
+import http.cookies
 import json
 import math
 import signal
@@ -31,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +62,10 @@ if TYPE_CHECKING:
 
 MODEL_VERSION = "1"
 HEALTH_PREFIX = "/v2/health"
+# Browsers cannot send a bearer header: with an API key set, opening /demo/?api_key=KEY once sets an
+# HttpOnly cookie scoped to /demo that authorises the demo's own requests (and nothing else).
+DEMO_PREFIX = "/demo"
+DEMO_COOKIE = "zoo_api_key"
 INFER_HEADER = "Inference-Header-Content-Length"
 _NUMPY_TO_TRITON = {"float32": "FP32"}
 
@@ -468,6 +474,21 @@ def build_infer_response(req: dict[str, Any], model: ServedModel, out: Mapping[s
 # ------------------------------------------------------------------------------------ ASGI guard
 
 
+def _under_demo(path: str) -> bool:
+    return path == DEMO_PREFIX or path.startswith(DEMO_PREFIX + "/")
+
+
+def _cookie(headers: Mapping[bytes, bytes], name: str) -> str:
+    """The value of cookie ``name`` in the request's Cookie header ('' when absent)."""
+    jar = http.cookies.SimpleCookie()
+    try:
+        jar.load(headers.get(b"cookie", b"").decode("latin-1"))
+    except http.cookies.CookieError:
+        return ""
+    morsel = jar.get(name)
+    return urllib.parse.unquote(morsel.value) if morsel else ""
+
+
 class _Guard:
     """Pure ASGI middleware: auth, body limit (buffered, 413), in-flight gauge, request metrics."""
 
@@ -510,16 +531,35 @@ class _Guard:
         await send({"type": "http.response.start", "status": status, "headers": hdrs})
         await send({"type": "http.response.body", "body": body})
 
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+    def _authorized(self, headers: dict[bytes, bytes], path: str = "") -> bool:
         got = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, token = got.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            return True
+        return _under_demo(path) and hmac.compare_digest(_cookie(headers, DEMO_COOKIE).encode(), self.api_key.encode())
+
+    async def _demo_login(self, scope: dict, send: Callable) -> bool:
+        """``GET /demo...?api_key=KEY`` with the right key: set the demo cookie and redirect without the key."""
+        if scope["method"] != "GET" or not _under_demo(scope["path"]):
+            return False
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        key = (query.pop("api_key", None) or [""])[0]
+        if not key or not hmac.compare_digest(key.encode(), self.api_key.encode()):
+            return False
+        rest = urllib.parse.urlencode(query, doseq=True)
+        location = scope["root_path"] + scope["path"] + (f"?{rest}" if rest else "")
+        cookie = f"{DEMO_COOKIE}={urllib.parse.quote(key)}; Path={DEMO_PREFIX}; HttpOnly; SameSite=Strict"
+        await send({"type": "http.response.start", "status": 303,
+                    "headers": [(b"location", location.encode("latin-1")), (b"set-cookie", cookie.encode("latin-1")),
+                                (b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+        return True
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             if scope["type"] == "websocket" and self.api_key and not scope["path"].startswith(HEALTH_PREFIX):
                 headers = dict(scope.get("headers") or [])
-                if not self._authorized(headers):
+                if not self._authorized(headers, scope["path"]):
                     await send({"type": "websocket.close", "code": 1008})
                     return
             await self.app(scope, receive, send)
@@ -549,7 +589,9 @@ class _Guard:
 
     async def _handle(self, scope: dict, receive: Callable, send: Callable) -> None:
         headers = dict(scope.get("headers") or [])
-        if self.api_key and not scope["path"].startswith(HEALTH_PREFIX) and not self._authorized(headers):
+        if self.api_key and not scope["path"].startswith(HEALTH_PREFIX) and not self._authorized(headers, scope["path"]):
+            if await self._demo_login(scope, send):
+                return
             missing = b"authorization" not in headers
             msg = ("missing API key: send 'Authorization: Bearer <key>'" if missing
                    else "invalid API key in the Authorization header")

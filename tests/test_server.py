@@ -520,6 +520,29 @@ def test_bearer_token_auth(encoder, test_pngs):
             assert c.get_model_metadata(MODEL, headers=ok)["name"] == MODEL
 
 
+def test_keyed_demo_opens_in_a_browser_through_a_cookie_scoped_to_demo(encoder, test_pngs):
+    from fastapi import FastAPI
+
+    demo = FastAPI()
+    demo.get("/")(lambda: {"demo": True})
+    app = create_app(encoder, api_key="s3cret", demo_mount=lambda a: a.mount("/demo", demo))
+    with LiveServer(app) as srv:
+        assert srv.http.get("/demo/").status_code == 401
+        assert srv.http.get("/demo/?api_key=wrong").status_code == 401
+        r = srv.http.get("/demo/?api_key=s3cret&tab=2")  # a link a person can open once
+        assert r.status_code == 303 and r.headers["location"] == "/demo/?tab=2"  # the key leaves the URL
+        cookie = r.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "Path=/demo" in cookie and "SameSite=Strict" in cookie
+        jar = {"zoo_api_key": "s3cret"}
+        assert srv.http.get("/demo/", cookies=jar).json() == {"demo": True}
+        assert srv.http.get("/demo/", cookies={"zoo_api_key": "wrong"}).status_code == 401
+        # the cookie opens the demo only: the API still needs the bearer header, and so does ?api_key=
+        r = srv.http.post("/embed", cookies=jar, files={"files": ("a.png", test_pngs[0][0], "image/png")})
+        assert r.status_code == 401
+        assert srv.http.get("/metrics?api_key=s3cret").status_code == 401
+        assert srv.http.get("/demox/?api_key=s3cret").status_code == 401
+
+
 def test_timeout_is_504_and_the_next_request_succeeds(onnx_path, test_pngs):
     enc = Recording(OnnxEncoder(onnx_path, threads=1), delay_s=0.6)
     with LiveServer(create_app(enc, timeout_s=0.3)) as srv:
