@@ -7,10 +7,21 @@ Parsers only: each command's work lives in its module (imported when the command
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+from collections.abc import Callable
 
 DEFAULT_MODEL = "scan_convnet_mnist5k"
 RAW = argparse.RawDescriptionHelpFormatter
+
+
+def _runs(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """The command's handler ``serve.<module>.<function>(args)``, imported only when the command runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(f"serve.{module}"), function)(args)
+
+    return run
 
 
 def _add_export(sub) -> None:
@@ -23,12 +34,7 @@ def _add_export(sub) -> None:
     p.add_argument("--check-data", help="dataset for the real-image parity check (default: the model's)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed (default 1e-4)")
 
-    def run(args: argparse.Namespace) -> int:
-        from serve.onnx import cli_export
-
-        return cli_export(args)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_runs("onnx", "cli_export"))
 
 
 def _add_triton(sub) -> None:
@@ -43,12 +49,7 @@ def _add_triton(sub) -> None:
     p.add_argument("--instances", type=int, default=1, help="instance_group count")
     p.add_argument("--kind", choices=["auto", "gpu", "cpu"], default="gpu", help="instance_group kind")
 
-    def run(args: argparse.Namespace) -> int:
-        from serve.triton import cli_triton
-
-        return cli_triton(args)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_runs("triton", "cli_triton"))
 
 
 def _add_serve(sub) -> None:
@@ -76,12 +77,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--no-demo", action="store_true", help="do not mount the Gradio demo at /demo")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
 
-    def run(args: argparse.Namespace) -> int:
-        from serve.server import cli_serve
-
-        return cli_serve(args)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_runs("server", "cli_serve"))
 
 
 def _add_index(sub) -> None:
@@ -123,12 +119,7 @@ def _add_index(sub) -> None:
     i = isub.add_parser("info", help="what an index holds")
     i.add_argument("index", help="index folder")
 
-    def run(args: argparse.Namespace) -> int:
-        from serve.index import cli_index
-
-        return cli_index(args)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_runs("index", "cli_index"))
 
 
 def _add_demo(sub) -> None:
@@ -146,12 +137,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
 
-    def run(args: argparse.Namespace) -> int:
-        from serve.demo import cli_demo
-
-        return cli_demo(args)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_runs("demo", "cli_demo"))
 
 
 def register(sub) -> None:

@@ -82,15 +82,11 @@ CPU index stays the master copy and is what gets saved. HNSW and IVF-PQ stay on 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
-import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -811,6 +807,8 @@ class FeatureIndex:
     # -- save / load
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the index folder atomically (temp folder beside it, then rename; see module docstring)."""
+        from zoo.checkpoint import atomic_folder, file_sha256
+
         faiss = _faiss()
         folder = Path(folder).expanduser()
         if folder.exists():
@@ -819,10 +817,7 @@ class FeatureIndex:
             if any(folder.iterdir()) and not (folder / META_FILE).is_file():
                 raise ValueError(f"{folder} is a non-empty folder that is not an index (no {META_FILE}); "
                                  "refusing to replace it")
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        old: Path | None = None
-        try:
+        with atomic_folder(folder) as tmp:
             files: dict[str, str] = {}
             faiss.write_index(self._index, str(tmp / INDEX_FILE))
             _write_npy(tmp / IDS_FILE, self._ids)
@@ -836,32 +831,21 @@ class FeatureIndex:
                 names.append(REMOVED_FILE)
             for name in names:
                 _fsync(tmp / name)
-                files[name] = _sha256(tmp / name)
+                files[name] = file_sha256(tmp / name)
             meta = self.info()
             meta["created_at"] = self.meta.get("created_at") or _now()
             meta["updated_at"] = _now()
             meta["files"] = files
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             _fsync(tmp / META_FILE)
-            os.chmod(tmp, 0o777 & ~_umask())
-            if folder.exists():
-                old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(folder, old)
-            os.rename(tmp, folder)
-            _fsync_dir(folder.parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and old.exists() and not folder.exists():
-                os.rename(old, folder)  # put the previous index back
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         self.meta = {k: v for k, v in meta.items() if k in self.meta or k in ("created_at", "updated_at")}
         return folder
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> FeatureIndex:
         """Read an index folder written by :meth:`save` (checksums verified, nothing unpickled)."""
+        from zoo.checkpoint import file_sha256
+
         faiss = _faiss()
         folder = Path(folder).expanduser()
         if not folder.is_dir():
@@ -890,7 +874,7 @@ class FeatureIndex:
             path = folder / name
             if not path.is_file():
                 raise IndexFileError(f"{path}: file missing from the index folder")
-            if _sha256(path) != digest:
+            if file_sha256(path) != digest:
                 raise IndexFileError(f"{path}: checksum mismatch (file corrupt or modified since it was saved)")
         try:
             index = faiss.read_index(str(folder / INDEX_FILE))
@@ -977,12 +961,6 @@ def _log(progress: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write_npy(path: Path, arr: np.ndarray) -> None:
     with open(path, "wb") as fh:
         np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
@@ -1007,30 +985,9 @@ def _read_json(path: Path) -> Any:
         raise IndexFileError(f"{path}: corrupt JSON ({e})") from None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     with open(path, "rb+") as fh:
         os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- feature folders

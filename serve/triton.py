@@ -176,22 +176,13 @@ def write_model_repository(
         raise ValueError(f"model name {name!r} may only contain letters, digits, '.', '_' and '-'")
     text = render_config_pbtxt(name, inputs, outputs, max_batch_size, max_queue_delay_us, instances, kind, cfg)
 
-    repo = Path(out)
-    repo.mkdir(parents=True, exist_ok=True)
-    final = repo / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=repo))
-    old = repo / f".{name}.old-{os.getpid()}"
-    try:
+    from zoo.checkpoint import atomic_folder
+
+    final = Path(out) / name
+    with atomic_folder(final) as tmp:  # other models in the repository are left alone
         (tmp / "1").mkdir()
         shutil.copyfile(onnx_path, tmp / "1" / "model.onnx")
         (tmp / "config.pbtxt").write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o755)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return final
 
 

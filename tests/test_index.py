@@ -1,5 +1,6 @@
 """serve.index: the auto rule, tuned recall vs exact search, ids through add/remove, atomic save/load, CLI."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -234,7 +235,7 @@ def test_corrupt_and_missing_files(tmp_path):
     trunc = copy("truncated")  # a truncated file whose checksum was updated: faiss itself must refuse it
     (trunc / "index.faiss").write_bytes((trunc / "index.faiss").read_bytes()[:100])
     meta = json.loads((trunc / "meta.json").read_text())
-    meta["files"]["index.faiss"] = sindex._sha256(trunc / "index.faiss")
+    meta["files"]["index.faiss"] = hashlib.sha256((trunc / "index.faiss").read_bytes()).hexdigest()
     (trunc / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(IndexFileError, match=r"index\.faiss: cannot be read by faiss"):
         FeatureIndex.load(trunc)
@@ -259,7 +260,7 @@ def test_load_never_unpickles(tmp_path):
     with open(folder / "labels.npy", "wb") as fh:  # an object array needs pickle to load
         np.save(fh, np.array([object()] * 300, dtype=object), allow_pickle=True)
     meta = json.loads((folder / "meta.json").read_text())
-    meta["files"]["labels.npy"] = sindex._sha256(folder / "labels.npy")
+    meta["files"]["labels.npy"] = hashlib.sha256((folder / "labels.npy").read_bytes()).hexdigest()
     (folder / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(IndexFileError, match=r"labels\.npy: not a readable \.npy array"):
         FeatureIndex.load(folder)

@@ -217,11 +217,16 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _add_protocol_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``zoo eval`` and ``zoo leaderboard``: protocol settings and how to run them."""
     p.add_argument("--clusters", type=int, default=None,
                    help="rlp (and --plots k-means): number of k-means clusters (default: number of classes)")
     p.add_argument("--ways", type=int, default=None, help="fewshot: classes per episode (default: min(5, classes))")
     p.add_argument("--shots", type=_shots, default=(1, 5), help="fewshot: comma list of support sizes (default 1,5)")
     p.add_argument("--episodes", type=int, default=600, help="fewshot: episodes per setting (default 600)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,10 +259,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the model folder's parent when it holds a log.csv)")
     p.add_argument("--embedding", default="tsne", choices=("tsne", "pca", "umap"),
                    help="2-D embedding of --plots (umap needs umap-learn)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("leaderboard", help="evaluate every available model on a dataset: Markdown + JSON table",
@@ -278,10 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the metrics into each model folder's config.json and card (folders outside the "
                         "installed package only)")
     _add_protocol_options(p)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("publish", help="upload a model folder to the Hugging Face Hub (with a model card)",

@@ -13,7 +13,6 @@ evaluates what changed (``force=True`` re-evaluates everything).
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import math
 import re
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zoo.checkpoint import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, read_config
+from zoo.checkpoint import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, file_sha256, read_config
 
 __all__ = [
     "Candidate",
@@ -139,14 +138,6 @@ def default_protocols(dataset: str, **dataset_kwargs: Any) -> tuple[str, ...]:
     return tuple(protocols)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _cache_file(out: Path, dataset: str, cand: Candidate) -> Path:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", cand.id).strip("_") or "model"
     return out / dataset / f"{safe}.json"
@@ -215,7 +206,7 @@ def run_leaderboard(
         if cand.folder is None:  # an official checkpoint in the hub cache: converted on load
             model = cand.load()
             cand.folder = _registered_candidate(cand.id).folder
-        sha = _sha256(Path(cand.folder) / WEIGHTS_NAME) if cand.folder else None
+        sha = file_sha256(Path(cand.folder) / WEIGHTS_NAME) if cand.folder else None
         key = {"version": _CACHE_VERSION, "dataset": dataset, "protocols": list(protocols), "options": options,
                "weights_sha256": sha}
         if not force and cache.is_file():

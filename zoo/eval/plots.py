@@ -36,10 +36,14 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+    """Write ``fig`` as a PNG and close it (figures are not kept open between plots)."""
+    try:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        return path
+    finally:
+        _pyplot().close(fig)
 
 
 def matched_confusion(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -99,10 +103,7 @@ def plot_confusion(
                     fontsize=7,
                     color="white" if values[i, j] > 0.5 * values.max() else "black",
                 )
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path)
 
 
 def plot_embedding_2d(
@@ -163,10 +164,7 @@ def plot_embedding_2d(
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title or f"{method.upper()} of features ({x.shape[0]} points)")
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path)
 
 
 def umap_available() -> bool:
@@ -243,10 +241,7 @@ def plot_cluster_gallery(
         ax.set_title(caption, fontsize=8, loc="left", pad=2)
     note = f" (largest {len(order)} of {clusters.size})" if clusters.size > len(order) else ""
     fig.suptitle(title or f"cluster gallery{note}", fontsize=10)
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path)
 
 
 def read_log_csv(path: str | Path) -> dict[str, np.ndarray]:
@@ -301,10 +296,7 @@ def plot_training_curves(log_csv: str | Path, path: str | Path, title: str | Non
         axes[1, 0].set_ylabel("learning rate")
     axes[-1, 0].set_xlabel("step")
     axes[0, 0].set_title(title or f"training curves ({Path(log_csv).parent.name})")
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path)
 
 
 def write_eval_plots(
