@@ -39,10 +39,15 @@ from .method_checks import tiny_cfg
 
 WORLD = 2
 GLOBAL_BATCH = 32  # 16 per rank
+SAME_AS_ONE_PROCESS = ("simclr", "swav", "nnclr", "mochi")  # 2 ranks x batch B == 1 process x 2B
 KW = {
     "simclr": {"proj_hidden_dim": 32, "proj_dim": 16},
     "swav": {"proj_hidden_dim": 32, "proj_dim": 16, "num_prototypes": 10, "n_small_crops": 2, "queue_length": 64},
     "moco": {"proj_hidden_dim": 32, "proj_dim": 16, "queue_length": 96},
+    "nnclr": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32, "queue_length": 48},
+    "mochi": {"proj_hidden_dim": 32, "proj_dim": 16, "queue_length": 96, "num_hardest": 8, "num_synthetic": 4,
+              "num_query_mix": 2},
+    "paco": {"proj_hidden_dim": 32, "proj_dim": 16, "queue_length": 96},
     "deepcluster": {"num_clusters": 10},
     "sela": {"num_clusters": 10, "num_heads": 2},
     "scan": {"num_clusters": 10, "num_heads": 1, "num_neighbors": 5},
@@ -84,7 +89,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     res: dict = {}
     try:
-        for method in ("simclr", "swav"):
+        for method in SAME_AS_ONE_PROCESS:
             t = Trainer(_cfg(method), Path(out) / f"{method}_ddp", progress=False)
             t.fit()
             res[method] = {"loss": [h["loss"] for h in t.history], "state": _state(t)}
@@ -97,6 +102,16 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         t.fit()
         res["moco"] = {"keys": keys[0], "queue": t.method.queue.clone(), "ptr": t.method.queue_ptr.clone(),
                        "initial_queue": initial_queue}
+        # PaCo: its in-batch contrast is per rank (as the released code), its queue takes every rank's keys.
+        t = Trainer(_cfg("paco", max_steps=1), Path(out) / "paco_ddp", progress=False)
+        paco_keys: list[torch.Tensor] = []
+        paco_labels: list[torch.Tensor] = []
+        embed_keys, batch_labels = t.method.embed_keys, t.method.batch_labels
+        t.method.embed_keys = lambda x: paco_keys.append(embed_keys(x)) or paco_keys[-1]
+        t.method.batch_labels = lambda i, c: paco_labels.append(batch_labels(i, c)) or paco_labels[-1]
+        t.fit()
+        res["paco"] = {"keys": paco_keys[0], "batch_labels": paco_labels[0], "queue": t.method.queue.clone(),
+                       "labels": t.method.queue_labels.clone(), "filled": t.method.queue_filled.clone()}
         # Sinkhorn over the rows of both ranks; rank-consistent per-sample draws.
         scores = torch.randn(20, 5, generator=torch.Generator().manual_seed(0))
         res["sinkhorn"] = sinkhorn_knopp(scores[rank * 10 : (rank + 1) * 10], 0.05, 3)
@@ -146,7 +161,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("method", ["simclr", "swav"])
+@pytest.mark.parametrize("method", SAME_AS_ONE_PROCESS)
 def test_two_ranks_with_batch_b_equal_one_process_with_2b(ranks, method, tmp_path, one_thread):
     _, res = ranks
     one = Trainer(_cfg(method), tmp_path, progress=False)
@@ -156,7 +171,7 @@ def test_two_ranks_with_batch_b_equal_one_process_with_2b(ranks, method, tmp_pat
     np.testing.assert_allclose(ddp["loss"], [h["loss"] for h in one.history], rtol=1e-5, atol=1e-6)
     assert len(ddp["loss"]) == 4 and ddp["loss"][-1] != ddp["loss"][0]  # it trained
     for key, value in ref.items():
-        if key.startswith("queue"):  # SwAV: each rank keeps its half of the global queue (checked below)
+        if method == "swav" and key.startswith("queue"):  # each rank keeps its half of the queue (below)
             continue
         torch.testing.assert_close(ddp["state"][key], value, rtol=1e-5, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
         torch.testing.assert_close(res[1][method]["state"][key], ddp["state"][key], rtol=0, atol=0)  # DDP in sync
@@ -184,6 +199,18 @@ def test_moco_queue_holds_the_keys_of_both_ranks(ranks):
             assert torch.equal(m["queue"][s * b : (s + 1) * b], res[s]["moco"]["keys"])
         assert torch.equal(m["queue"][GLOBAL_BATCH:], m["initial_queue"][GLOBAL_BATCH:])  # the rest untouched
     assert not torch.allclose(res[0]["moco"]["keys"], res[1]["moco"]["keys"])
+
+
+def test_paco_queue_holds_the_keys_and_labels_of_both_ranks(ranks):
+    _, res = ranks
+    b = GLOBAL_BATCH // WORLD
+    for r in range(WORLD):
+        m = res[r]["paco"]
+        assert int(m["filled"]) == GLOBAL_BATCH and torch.equal(m["queue"], res[0]["paco"]["queue"])
+        for s in range(WORLD):  # rank s's keys and labels, in rank order
+            assert torch.equal(m["queue"][s * b : (s + 1) * b], res[s]["paco"]["keys"])
+            assert torch.equal(m["labels"][s * b : (s + 1) * b], res[s]["paco"]["batch_labels"])
+    assert not torch.equal(res[0]["paco"]["batch_labels"], res[1]["paco"]["batch_labels"])
 
 
 def test_sinkhorn_and_draws_span_the_global_batch(ranks):

@@ -64,20 +64,22 @@ def per_sample_shard(rank: int, world: int) -> Iterator[None]:
         _SHARD = previous
 
 
-def rand_per_sample(n: int, gen: torch.Generator) -> torch.Tensor:
-    """``[n]`` uniform numbers on the CPU, one per sample of this rank (``torch.rand`` on one process)."""
+def rand_per_sample(n: int, gen: torch.Generator, shape: tuple[int, ...] = ()) -> torch.Tensor:
+    """``[n, *shape]`` uniform numbers on the CPU, one row per sample of this rank (``torch.rand`` on one
+    process)."""
     rank, world = _SHARD
     if world == 1:
-        return torch.rand(n, generator=gen)
-    return torch.rand(n * world, generator=gen)[rank * n : (rank + 1) * n]
+        return torch.rand(n, *shape, generator=gen)
+    return torch.rand(n * world, *shape, generator=gen)[rank * n : (rank + 1) * n]
 
 
-def randint_per_sample(high: int, n: int, gen: torch.Generator) -> torch.Tensor:
-    """``[n]`` integers in ``[0, high)``, one per sample of this rank (``torch.randint`` on one process)."""
+def randint_per_sample(high: int, n: int, gen: torch.Generator, shape: tuple[int, ...] = ()) -> torch.Tensor:
+    """``[n, *shape]`` integers in ``[0, high)``, one row per sample of this rank (``torch.randint`` on one
+    process)."""
     rank, world = _SHARD
     if world == 1:
-        return torch.randint(high, (n,), generator=gen)
-    return torch.randint(high, (n * world,), generator=gen)[rank * n : (rank + 1) * n]
+        return torch.randint(high, (n, *shape), generator=gen)
+    return torch.randint(high, (n * world, *shape), generator=gen)[rank * n : (rank + 1) * n]
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> torch.Tensor:

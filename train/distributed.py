@@ -16,7 +16,7 @@ Semantics (``train/trainer.py``):
   on GPUs, :class:`GlobalBatchNorm` on the CPU) ``W`` ranks with batch ``B`` compute what one process
   with batch ``W*B`` computes, up to floating-point summation order.
 - Methods gather what their loss needs (:func:`all_gather_with_grad`): SimCLR/DCL/SupCon negatives,
-  MoCo/PCL keys for the queue; Sinkhorn sums are all-reduced (``train.sinkhorn``); dataset-wide steps
+  NNCLR predictions; queues and support sets take every rank's rows (MoCo, MoCHi, PCL, PaCo, NNCLR); Sinkhorn sums are all-reduced (``train.sinkhorn``); dataset-wide steps
   (k-means, SeLa labels, SCAN neighbours) embed one shard per rank and gather (:func:`gather_dataset`).
 - Only rank 0 writes checkpoints, logs and the model folder.
 """

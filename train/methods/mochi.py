@@ -12,7 +12,9 @@ the query and its ``N`` closest keys are the hardest negatives. From them:
 The paper calls the method MoCHi(N, s, s'); here ``num_hardest`` = N, ``num_synthetic`` = s,
 ``num_query_mix`` = s'. The synthetic points are extra negatives in the InfoNCE denominator of their
 own query only; they carry no gradient and never enter the queue. Indices and coefficients are drawn
-from the step's generator, so a resumed run mixes the same points.
+from the step's generator, so a resumed run mixes the same points. Under DDP the queue is global (every
+rank's keys, as in MoCo) and the draws are per sample of the global batch, so W ranks with batch B
+train as one process with batch W*B.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from train.augment import rand_per_sample, randint_per_sample
 from train.methods.base import StepContext, register_method
 from train.methods.moco import MoCo, moco_infonce_loss
 from zoo.model import ZooModel
@@ -63,11 +66,13 @@ def mix_hard_negatives(
     hardest = (q @ queue.T).topk(n, dim=1).indices  # [B,N]
     hard = queue[hardest]  # [B,N,D]
     rows = torch.arange(b, device=device).unsqueeze(1)
-    pairs = torch.randint(n, (b, num_synthetic, 2), generator=generator).to(device)
-    alpha = torch.rand(b, num_synthetic, 1, generator=generator).to(device)
+    # Per-query draws: under DDP each rank takes its rows of the global batch's draws (as augmentation does),
+    # so W ranks with batch B mix exactly as one process with batch W*B.
+    pairs = randint_per_sample(n, b, generator, (num_synthetic, 2)).to(device)
+    alpha = rand_per_sample(b, generator, (num_synthetic, 1)).to(device)
     mixed = alpha * hard[rows, pairs[..., 0]] + (1 - alpha) * hard[rows, pairs[..., 1]]  # [B,s,D]
-    partners = torch.randint(n, (b, num_query_mix), generator=generator).to(device)
-    beta = 0.5 * torch.rand(b, num_query_mix, 1, generator=generator).to(device)
+    partners = randint_per_sample(n, b, generator, (num_query_mix,)).to(device)
+    beta = 0.5 * rand_per_sample(b, generator, (num_query_mix, 1)).to(device)
     query_mixed = beta * q.unsqueeze(1) + (1 - beta) * hard[rows, partners]  # [B,s',D]
     negatives = F.normalize(torch.cat([mixed, query_mixed], dim=1), dim=2)
     return MixedNegatives(negatives, hardest, pairs, alpha.squeeze(2), partners, beta.squeeze(2))
@@ -124,20 +129,3 @@ class MoCHi(MoCo):
             return moco_infonce_loss(q, k, queue, self.temperature)
         mixed = mix_hard_negatives(q, queue, self.num_hardest, self.num_synthetic, self.num_query_mix, ctx.generator)
         return mochi_infonce_loss(q, k, queue, mixed.negatives, self.temperature)
-
-    def training_step(self, images: torch.Tensor, indices: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
-        v1, v2 = ctx.augment.views(images, ctx.generator, 2)
-        queue = self.queue.clone()  # the negatives as they were before this batch's keys are enqueued
-        q1 = self.encode_queries(v1)
-        k2 = self.encode_keys(v2, ctx.generator)
-        if self.symmetric:
-            q2 = self.encode_queries(v2)
-            k1 = self.encode_keys(v1, ctx.generator)
-            loss = 0.5 * (self.query_loss(q1, k2, queue, ctx) + self.query_loss(q2, k1, queue, ctx))
-            keys = torch.cat([k2, k1])
-        else:
-            loss = self.query_loss(q1, k2, queue, ctx)
-            keys = k2
-        if self.training:
-            self.enqueue(keys)
-        return {"loss": loss}

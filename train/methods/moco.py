@@ -184,6 +184,10 @@ class MoCo(Method):
         self.queue_ptr.fill_((ptr + m) % size)
 
     # -- training -------------------------------------------------------------------------
+    def query_loss(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """The loss of queries ``q [B,D]`` against their keys ``k [B,D]`` and the queue (MoCHi overrides it)."""
+        return moco_infonce_loss(q, k, queue, self.temperature)
+
     def training_step(self, images: torch.Tensor, indices: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
         v1, v2 = ctx.augment.views(images, ctx.generator, 2)
         # The loss needs the queue as it was before this batch's keys are enqueued (and autograd
@@ -194,14 +198,14 @@ class MoCo(Method):
         if self.symmetric:
             q2 = self.encode_queries(v2)
             k1 = self.encode_keys(v1, ctx.generator)
-            loss = 0.5 * (moco_infonce_loss(q1, k2, queue, self.temperature)
-                          + moco_infonce_loss(q2, k1, queue, self.temperature))
-            keys = torch.cat([k2, k1])
+            loss = 0.5 * (self.query_loss(q1, k2, queue, ctx) + self.query_loss(q2, k1, queue, ctx))
+            keys = [k2, k1]
         else:
-            loss = moco_infonce_loss(q1, k2, queue, self.temperature)
-            keys = k2
+            loss = self.query_loss(q1, k2, queue, ctx)
+            keys = [k2]
         if self.training:  # evaluating the loss (model.eval()) leaves the queue alone
-            self.enqueue(all_gather_rows(keys))  # under DDP: the keys of every rank, in rank order
+            # under DDP: the keys of every rank, in rank order, view by view (as one process's batch)
+            self.enqueue(torch.cat([all_gather_rows(k) for k in keys]))
         return {"loss": loss}
 
     def on_train_start(self, ctx: StepContext) -> None:

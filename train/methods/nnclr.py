@@ -6,7 +6,9 @@ embedding's nearest neighbour in a support set, a FIFO queue of view-1 embedding
 batches. The neighbour (no gradient) must pick the prediction of the other view of its image
 among the predictions of the batch. Projection MLP + prediction MLP as in the paper; the loss
 is symmetrised over the two views (Algorithm 1). The support set is a buffer, so a
-resumed run continues with the same neighbours.
+resumed run continues with the same neighbours. Under DDP the support set is global (every rank's
+view-1 embeddings) and the predictions are gathered across ranks, so W ranks with batch B train as
+one process with batch W*B.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from train.distributed import all_gather_rows, all_gather_with_grad, get_rank
 from train.methods.base import Method, StepContext, register_method
 from train.methods.moco import MoCo
 from zoo.heads import ProjectionHead
@@ -48,12 +51,16 @@ def nnclr_loss(nn: torch.Tensor, p: torch.Tensor, temperature: float = 0.1) -> t
 
     Returns:
         scalar: mean over i of ``-log exp(nn_i.p_i/tau) / sum_k exp(nn_i.p_k/tau)`` on L2-normalised rows,
-        i.e. cross entropy over the ``[B,B]`` logits with the diagonal as targets.
+        i.e. cross entropy over the ``[B,B]`` logits with the diagonal as targets. Under DDP the rows are
+        this rank's and the predictions ``p_k`` of every rank are gathered with gradients (as solo-learn's
+        NNCLR), so the logits are ``[B, W*B]`` and DDP's gradient average gives the global-batch loss.
     """
+    b = p.shape[0]
     nn = F.normalize(nn.detach(), dim=1)
-    p = F.normalize(p, dim=1)
-    logits = nn @ p.T / temperature  # [B,B]
-    return F.cross_entropy(logits, torch.arange(p.shape[0], device=p.device))
+    p_all = F.normalize(all_gather_with_grad(p), dim=1)  # [W*B, D]; p itself on one process
+    logits = nn @ p_all.T / temperature  # [B, W*B]
+    first = get_rank() * b
+    return F.cross_entropy(logits, torch.arange(first, first + b, device=p.device))
 
 
 @register_method("nnclr")
@@ -102,5 +109,5 @@ class NNCLR(Method):
         nn1, nn2 = self.support_neighbours(z1), self.support_neighbours(z2)
         loss = 0.5 * (nnclr_loss(nn1, p2, self.temperature) + nnclr_loss(nn2, p1, self.temperature))
         if self.training:  # evaluating the loss (model.eval()) leaves the support set alone
-            self.enqueue(z1)
+            self.enqueue(all_gather_rows(z1))  # under DDP one global support set: every rank's, in rank order
         return {"loss": loss}

@@ -30,6 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from train.distributed import all_gather_rows
 from train.methods.base import StepContext, register_method
 from train.methods.moco import copy_weights_, frozen_copy, momentum_update
 from train.methods.supervised import ClassifierMethod
@@ -157,7 +158,9 @@ class PaCo(ClassifierMethod):
         loss = paco_loss(contrast, contrast_labels, centre_logits, num_anchors, self.temperature, self.alpha,
                          self.beta, self.gamma, self.centre_temperature, self.smooth)
         if self.training:  # evaluating the loss (model.eval()) leaves the queue alone
-            self.enqueue(keys, labels)
+            # under DDP the queue takes every rank's keys and labels, in rank order (the released code's
+            # concat_all_gather), so all ranks contrast against the same global queue
+            self.enqueue(all_gather_rows(keys), all_gather_rows(labels))
         return {"loss": loss}
 
     def on_train_start(self, ctx: StepContext) -> None:
