@@ -1,6 +1,7 @@
 """Training-step throughput of our SimCLR, MoCo v2, BYOL and SwAV versus lightly's, side by side.
 
     python benchmarks/throughput_vs_lightly.py --backbone convnet --size 32 --batch 128 --rounds 5
+    python benchmarks/throughput_vs_lightly.py --memory-format nchw   # like for like: both sides NCHW
 
 Both sides use the same backbone, batch size, input size and the same augmentation call
 (``train.augment.ViewAugment``, so augmentation cost is identical); the method-specific parts
@@ -9,6 +10,12 @@ lightly's own examples. A step = augment + forward + backward + optimizer step (
 Steps alternate ours / lightly in ABBA rounds so machine noise hits both alike; the ratio of median
 step times is reported (>1 means ours is faster), for wall time and for process CPU time (the
 latter is less sensitive to other load on a shared machine). Prints a table and writes JSON.
+
+``--memory-format``: ``trainer`` (default) runs each side as it runs by default: ours as ``zoo train``
+does (NHWC, the trainer's ``channels_last``), lightly's step as its examples write it (NCHW);
+``nchw`` / ``nhwc`` give both sides the same format, to compare the methods' own work alone.
+``swav`` is our default crop batching (one pass per crop on the CPU); ``swav_resolution`` is the
+official per-resolution batching.
 """
 
 from __future__ import annotations
@@ -104,13 +111,17 @@ def make_ours(method: str, model: ZooModel, n_small: int):
         "simclr": {"proj_hidden_dim": 512, "proj_dim": 128, "temperature": 0.5},
         "moco": {"proj_hidden_dim": 512, "proj_dim": 128, "queue_length": 4096, "momentum": 0.99},
         "byol": {"proj_hidden_dim": 1024, "proj_dim": 256, "pred_hidden_dim": 1024, "tau_base": 0.99},
+        # default batching ("auto": one encoder pass per crop on the CPU, the work lightly's step does)
         "swav": {"num_prototypes": 30, "proj_hidden_dim": 512, "proj_dim": 128, "n_small_crops": n_small},
-        # the same work as lightly's step: one encoder + projector pass per crop
-        "swav_per_crop": {"num_prototypes": 30, "proj_hidden_dim": 512, "proj_dim": 128, "n_small_crops": n_small,
-                          "crop_batching": "crop"},
+        # the official batching: one pass per crop size
+        "swav_resolution": {"num_prototypes": 30, "proj_hidden_dim": 512, "proj_dim": 128, "n_small_crops": n_small,
+                            "crop_batching": "resolution"},
     }[method]
-    method = method.removesuffix("_per_crop")
-    return get_method(method)(model, **kwargs)
+    return get_method(base_method(method))(model, **kwargs)
+
+
+def base_method(method: str) -> str:
+    return method.removesuffix("_resolution")
 
 
 def bench(method: str, args) -> dict:
@@ -118,8 +129,12 @@ def bench(method: str, args) -> dict:
     aug = ViewAugment(AugmentConfig(size=args.size))
     images = torch.rand(args.batch, 3, args.size, args.size)
     n_small = 2 if method.startswith("swav") else 0
+    ours_nhwc = args.memory_format in ("trainer", "nhwc")
+    lightly_nhwc = args.memory_format == "nhwc"
 
     ours = make_ours(method, ZooModel(args.backbone, {}), n_small).train()
+    if ours_nhwc:  # as Trainer.prepare_step does
+        ours.to(memory_format=torch.channels_last)
     ours_opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     ctx = StepContext(augment=aug, generator=gen, total_steps=1000)
@@ -135,7 +150,9 @@ def bench(method: str, args) -> dict:
         ctx.step += 1
 
     lb = ZooModel(args.backbone, {}).backbone.train()
-    l_fn, l_params = lightly_step_fn(method.removesuffix("_per_crop"), lb, lb.num_features, n_small)
+    l_fn, l_params = lightly_step_fn(base_method(method), lb, lb.num_features, n_small)
+    if lightly_nhwc:  # the heads are linear layers: only the backbone has a memory format
+        lb.to(memory_format=torch.channels_last)
     l_opt = torch.optim.AdamW(l_params, lr=1e-3)
     lgen = torch.Generator().manual_seed(0)
 
@@ -184,7 +201,9 @@ def paired_ratio_interval(lightly: list[float], ours: list[float], n_boot: int =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="simclr,moco,byol,swav,swav_per_crop")
+    parser.add_argument("--methods", default="simclr,moco,byol,swav,swav_resolution")
+    parser.add_argument("--memory-format", choices=["trainer", "nchw", "nhwc"], default="trainer",
+                        help="trainer: each side's default (ours NHWC, lightly NCHW); nchw/nhwc: both sides")
     parser.add_argument("--backbone", default="convnet")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=128)
@@ -194,7 +213,8 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "throughput_vs_lightly.json"))
     args = parser.parse_args()
     rows = [bench(m, args) for m in args.methods.split(",")]
-    print(f"backbone={args.backbone} size={args.size} batch={args.batch} device=cpu threads={torch.get_num_threads()}")
+    print(f"backbone={args.backbone} size={args.size} batch={args.batch} device=cpu threads={torch.get_num_threads()} "
+          f"memory format={args.memory_format}")
     print("| method | ours img/s | lightly img/s | ours / lightly (wall) | 95 % interval | ours / lightly (CPU time) |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from train.clustering import kmeans_with_reseed, pca_whiten, resize_buffers_to_state, uniform_cluster_order
+from train import clustering
+from train.clustering import (
+    kmeans_sharded,
+    kmeans_with_reseed,
+    pca_whiten,
+    resize_buffers_to_state,
+    uniform_cluster_order,
+)
 from train.methods.pcl import concentration, proto_nce_loss
 from train.trainer import Trainer
 from zoo.eval.cluster import kmeans
@@ -150,6 +158,55 @@ def test_pca_whiten_gives_unit_covariance():
     assert y.shape == (200, 4)
     torch.testing.assert_close(y.mean(0), torch.zeros(4), atol=1e-4, rtol=0)
     torch.testing.assert_close(torch.cov(y.T), torch.eye(4), atol=1e-3, rtol=0)
+
+
+def test_pca_whiten_matches_sklearn_up_to_axis_signs():
+    from sklearn.decomposition import PCA
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 7, generator=gen) @ torch.randn(7, 7, generator=gen) + 2.0
+    ours = pca_whiten(x, 3, eps=0.0).double().numpy()
+    ref = PCA(n_components=3, whiten=True, svd_solver="full").fit_transform(x.double().numpy())
+    signs = np.sign((ours * ref).sum(axis=0))
+    np.testing.assert_allclose(ours * signs, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_kmeans_sharded_trains_on_a_sample_then_assigns_every_row():
+    """At scale k-means trains on max_points_per_centroid * k rows (faiss's sample), then every row goes
+    to its nearest centroid; on well separated blobs that is as good as k-means on all rows."""
+    from sklearn.cluster import KMeans
+    from sklearn.datasets import make_blobs
+    from sklearn.metrics import adjusted_rand_score
+
+    # 5 equidistant blobs (a simplex), far enough apart that one k-means++ seeding finds them all
+    x_np, truth = make_blobs(n_samples=3000, centers=20.0 * np.eye(5), cluster_std=0.8, random_state=0)
+    x = torch.from_numpy(x_np).float()
+    seen: list[int] = []
+    real = clustering.kmeans
+    clustering.kmeans = lambda rows, *a, **kw: seen.append(len(rows)) or real(rows, *a, **kw)
+    try:
+        assign, centroids = kmeans_sharded(x, torch.arange(3000), 3000, 5, seed=0, max_points_per_centroid=50)
+    finally:
+        clustering.kmeans = real
+    assert seen == [250]  # 50 x 5 rows trained the centroids
+    dist = ((x_np[:, None, :] - centroids.numpy()[None]) ** 2).sum(-1)  # [N,K], by hand
+    assert np.array_equal(assign.numpy(), dist.argmin(1))
+    assert adjusted_rand_score(truth, assign.numpy()) > 0.99
+    inertia = float(dist.min(1).sum())
+    ref = KMeans(5, n_init=3, random_state=0).fit(x_np)
+    assert inertia <= 1.02 * ref.inertia_
+    again, _ = kmeans_sharded(x, torch.arange(3000), 3000, 5, seed=0, max_points_per_centroid=50)
+    assert torch.equal(again, assign)
+
+
+def test_kmeans_sharded_reseeds_empty_clusters_after_sampling():
+    base = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]])
+    x = base.repeat_interleave(40, dim=0)  # 3 distinct points for 6 clusters; the sample is 60 of 120 rows
+    assign, centroids = kmeans_sharded(x, torch.arange(120), 120, 6, seed=0, max_points_per_centroid=10)
+    counts = torch.bincount(assign, minlength=6)
+    assert counts.min() >= 1 and counts.sum() == 120
+    for j in range(6):
+        torch.testing.assert_close(centroids[j], x[assign == j].mean(0))
 
 
 def test_lazy_buffers_resize_on_load():

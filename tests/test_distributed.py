@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from train import distributed
+from train import clustering, distributed
 from train.augment import per_sample_shard, rand_per_sample
 from train.clustering import embed_dataset
 from train.embed import embed
@@ -40,6 +40,9 @@ from .method_checks import tiny_cfg
 WORLD = 2
 GLOBAL_BATCH = 32  # 16 per rank
 SAME_AS_ONE_PROCESS = ("simclr", "swav", "nnclr", "mochi")  # 2 ranks x batch B == 1 process x 2B
+# DeepCluster's E-step on shards: PCA-whitened (moments all-reduced), and k-means trained on a sample of
+# 20 rows per cluster (200 of the 1,442 digits) before every rank assigns its own rows.
+DC_VARIANTS = {"dc_pca": {"pca_dim": 8}, "dc_sampled": {"kmeans_sample_per_cluster": 20}}
 KW = {
     "simclr": {"proj_hidden_dim": 32, "proj_dim": 16},
     "swav": {"proj_hidden_dim": 32, "proj_dim": 16, "num_prototypes": 10, "n_small_crops": 2, "queue_length": 64},
@@ -48,6 +51,8 @@ KW = {
     "mochi": {"proj_hidden_dim": 32, "proj_dim": 16, "queue_length": 96, "num_hardest": 8, "num_synthetic": 4,
               "num_query_mix": 2},
     "paco": {"proj_hidden_dim": 32, "proj_dim": 16, "queue_length": 96},
+    "pcl": {"proj_hidden_dim": 32, "proj_dim": 16, "queue_size": 64, "num_clusters": [5, 10],
+            "kmeans_sample_per_cluster": 40},
     "deepcluster": {"num_clusters": 10},
     "sela": {"num_clusters": 10, "num_heads": 2},
     "scan": {"num_clusters": 10, "num_heads": 1, "num_neighbors": 5},
@@ -55,8 +60,11 @@ KW = {
 
 
 def _cfg(method: str, **kw):
+    # NCHW: oneDNN's NHWC convolutions pick their kernels by batch size, so batch 16 and batch 32 round
+    # differently (3e-5 relative after 4 SwAV steps, whose Sinkhorn amplifies it); these tests are about
+    # the distributed semantics, which the memory format does not touch.
     base = dict(method=method, method_kwargs=KW[method], batch_size=GLOBAL_BATCH, optimizer="sgd", lr=0.5,
-                sync_bn=True, max_steps=4, ckpt_every=100)
+                sync_bn=True, max_steps=4, ckpt_every=100, channels_last=False)
     return tiny_cfg(**{**base, **kw})
 
 
@@ -115,6 +123,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         # Sinkhorn over the rows of both ranks; rank-consistent per-sample draws.
         scores = torch.randn(20, 5, generator=torch.Generator().manual_seed(0))
         res["sinkhorn"] = sinkhorn_knopp(scores[rank * 10 : (rank + 1) * 10], 0.05, 3)
+        res["gather_to_0"] = distributed.gather_rows_to(torch.full((rank + 1, 2), float(rank)))
         with per_sample_shard(rank, world):
             res["draws"] = rand_per_sample(6, torch.Generator().manual_seed(1))
         # Dataset-wide steps: sharded embedding + gather, Sinkhorn labels, neighbours.
@@ -123,6 +132,22 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         t = Trainer(_cfg("sela"), Path(out) / "sela", progress=False)
         t.method.update_labels(t.context(0))
         res["sela_labels"] = t.method.labels.clone()
+        # DeepCluster / PCL E-steps on features kept in shards; record what k-means gathers.
+        gathered: list[list[int]] = []
+        real_gather = clustering.gather_rows_to
+        clustering.gather_rows_to = lambda x: gathered.append(list(x.shape)) or real_gather(x)
+        try:
+            for key, kw in DC_VARIANTS.items():
+                t = Trainer(_cfg("deepcluster", method_kwargs={**KW["deepcluster"], **kw}), Path(out) / key,
+                            progress=False)
+                res[key] = t.method.cluster(t.context(0))
+            res["dc_gathered"] = [shape for shape in gathered if len(shape) == 2]  # features, not indices
+            t = Trainer(_cfg("pcl"), Path(out) / "pcl", progress=False)
+            t.method.on_epoch_start(t.context(0))
+            res["pcl"] = {k: v.clone() for k, v in t.method.state_dict().items() if k.startswith(
+                ("assignments", "prototypes", "phi"))}
+        finally:
+            clustering.gather_rows_to = real_gather
         t = Trainer(_cfg("scan"), Path(out) / "scan", progress=False)
         t.method.on_train_start(t.context(0))
         res["scan_neighbors"] = t.method.neighbors.clone()
@@ -219,6 +244,9 @@ def test_sinkhorn_and_draws_span_the_global_batch(ranks):
     full = sinkhorn_knopp(scores, 0.05, 3)
     torch.testing.assert_close(torch.cat([res[0]["sinkhorn"], res[1]["sinkhorn"]]), full, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(full[:10], sinkhorn_knopp(scores[:10], 0.05, 3), atol=1e-3)  # a global problem
+    # rank 0 receives every rank's rows (1 of rank 0, 2 of rank 1); rank 1 keeps nothing
+    assert torch.equal(res[0]["gather_to_0"], torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
+    assert res[1]["gather_to_0"].shape == (0, 2)
     draws = torch.rand(12, generator=torch.Generator().manual_seed(1))
     assert torch.equal(torch.cat([res[0]["draws"], res[1]["draws"]]), draws)
 
@@ -238,6 +266,38 @@ def test_dataset_wide_steps_cover_the_whole_dataset(ranks, tmp_path, one_thread)
     c.method.on_train_start(c.context(0))
     assert torch.equal(res[0]["scan_neighbors"], res[1]["scan_neighbors"])
     assert (res[0]["scan_neighbors"] == c.method.neighbors).float().mean() > 0.99
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a == b).float().mean())
+
+
+def test_deepcluster_and_pcl_cluster_shards_like_one_process(ranks, tmp_path, one_thread):
+    """The E-steps keep each rank's features in its shard and still match one process holding them all."""
+    _, res = ranks
+    n = None
+    for key, kw in DC_VARIANTS.items():
+        one = Trainer(_cfg("deepcluster", method_kwargs={**KW["deepcluster"], **kw}), tmp_path / key, progress=False)
+        labels = one.method.cluster(one.context(0))
+        n = labels.numel()
+        assert torch.equal(res[0][key], res[1][key])  # the same pseudo-labels on both ranks
+        assert _agreement(res[0][key], labels) > 0.99, key  # (ties may differ in the last float bit)
+        assert int(torch.bincount(res[0][key], minlength=10).min()) >= 1  # no empty pseudo-class
+    # What each rank sent to rank 0's k-means (rows, dims): its whole shard only when the sample is the
+    # dataset (the PCA variant: 1,442 rows < 256 x 10); 200 rows from both ranks together when sampled.
+    # Nothing else gathers features: rank 1 never holds more than its own shard.
+    (pca_0, sampled_0), (pca_1, sampled_1) = res[0]["dc_gathered"], res[1]["dc_gathered"]
+    assert pca_0[1] == pca_1[1] == 8 and pca_0[0] + pca_1[0] == n, (pca_0, pca_1)
+    assert sampled_0[1] == sampled_1[1] == 16 and sampled_0[0] + sampled_1[0] == 200, (sampled_0, sampled_1)
+    one = Trainer(_cfg("pcl"), tmp_path / "pcl", progress=False)
+    one.method.on_epoch_start(one.context(0))
+    ref = one.method.state_dict()
+    for key, value in res[0]["pcl"].items():
+        assert torch.equal(res[1]["pcl"][key], value), key
+        if key.startswith("assignments"):
+            assert _agreement(value, ref[key]) > 0.99 and bool((value >= 0).all())
+        else:
+            torch.testing.assert_close(value, ref[key], rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
 
 
 def test_sharded_embedding_equals_single_process_in_dataset_order(ranks, tmp_path, one_thread):
@@ -343,12 +403,14 @@ def test_cli_resume_modes_and_argv_round_trip(monkeypatch):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "--method", "swav", "--backbone-kwargs", '{"widths": [8]}', "--sync-bn",
-                              "--out", "x", "--nproc", "2", "--resume"])
+                              "--out", "x", "--nproc", "2", "--resume", "--no-channels-last"])
     argv = distributed.argv_from_namespace(args, args._parser)
     again = parser.parse_args(["train", *argv])
     assert {k: v for k, v in vars(again).items() if k not in ("nproc", "_parser")} == {
         k: v for k, v in vars(args).items() if k not in ("nproc", "_parser")}
-    assert "--nproc" not in argv and again.resume == "yes" and again.sync_bn is True
+    assert "--nproc" not in argv and again.resume == "yes" and again.sync_bn is True and again.channels_last is False
+    on = parser.parse_args(["train", "--channels-last", "--out", "x"])
+    assert "--channels-last" in distributed.argv_from_namespace(on, on._parser)
     cmd = distributed.torchrun_command(2, argv, max_restarts=3)
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in cmd and "--max-restarts=3" in cmd
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
@@ -369,10 +431,17 @@ def test_global_batch_must_split_evenly_and_amp_is_checked(tmp_path):
 
 def test_bf16_autocast_and_channels_last_smoke_on_cpu(tmp_path):
     """The GPU speed paths also run on the CPU: two steps train and stay finite (not a speed test)."""
-    t = Trainer(tiny_cfg(max_steps=2, amp="bf16", channels_last=True, method_kwargs=KW["simclr"]), tmp_path,
-                progress=False)
+    t = Trainer(tiny_cfg(max_steps=2, amp="bf16", method_kwargs=KW["simclr"]), tmp_path, progress=False)
+    assert t.cfg.channels_last  # the default
+    conv = t.method.model.backbone.features[0].weight
+    formats: list[bool] = []
+    step = t.method.training_step
+    t.method.training_step = lambda *a: formats.append(conv.is_contiguous(memory_format=torch.channels_last)
+                                                       and not conv.is_contiguous()) or step(*a)
     t.fit()
     assert len(t.history) == 2 and all(np.isfinite(h["loss"]) for h in t.history)
+    assert formats == [True, True]  # NHWC while training ...
+    assert all(p.is_contiguous() for p in t.method.parameters())  # ... NCHW again for export
 
 
 def test_loader_workers_decode_ahead_without_changing_the_run(tmp_path, one_thread):

@@ -267,7 +267,8 @@ def test_swav_crop_batching_changes_only_how_crops_are_batched():
     from zoo.model import ZooModel
 
     torch.manual_seed(0)
-    by_size = SwAV(ZooModel("convnet_tiny"), num_prototypes=7, proj_hidden_dim=16, proj_dim=8).eval()
+    by_size = SwAV(ZooModel("convnet_tiny"), num_prototypes=7, proj_hidden_dim=16, proj_dim=8,
+                   crop_batching="resolution").eval()
     by_crop = SwAV(ZooModel("convnet_tiny"), num_prototypes=7, proj_hidden_dim=16, proj_dim=8,
                    crop_batching="crop").eval()
     by_crop.load_state_dict(by_size.state_dict())
@@ -277,3 +278,8 @@ def test_swav_crop_batching_changes_only_how_crops_are_batched():
     assert not torch.allclose(by_crop.embed_crops(crops), by_size.embed_crops(crops))
     with pytest.raises(ValueError, match="crop_batching"):
         SwAV(ZooModel("convnet_tiny"), crop_batching="view")
+    # "auto" (the default) is one pass per crop on the CPU (per resolution on CUDA): the same batches as "crop"
+    by_default = SwAV(ZooModel("convnet_tiny"), num_prototypes=7, proj_hidden_dim=16, proj_dim=8).train()
+    by_default.load_state_dict(by_size.state_dict())
+    assert by_default.crop_batching == "auto"
+    torch.testing.assert_close(by_default.embed_crops(crops), by_crop.embed_crops(crops), rtol=0, atol=0)

@@ -58,9 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-restarts", type=int, help="with --nproc: torchrun restarts after a failure (resuming)")
     g.add_argument("--sync-bn", action="store_true", default=None,
                    help="BatchNorm statistics over the global batch (SyncBatchNorm)")
-    g = p.add_argument_group("GPU speed paths (untested without a GPU)")
+    g = p.add_argument_group("speed paths (amp, compile and pinned memory untested without a GPU)")
     g.add_argument("--amp", choices=["bf16"], help="autocast the step to bfloat16")
-    g.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory format (the default; --no-channels-last for NCHW)")
     g.add_argument("--torch-compile", action="store_true", default=None, help="torch.compile the backbone")
     g.add_argument("--pin-memory", action="store_true", default=None, help="pinned host batches, async copies")
     g.add_argument("--loader-workers", type=int, help="DataLoader processes decoding image files ahead (per rank)")

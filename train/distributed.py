@@ -41,6 +41,7 @@ __all__ = [
     "all_gather_rows",
     "all_gather_with_grad",
     "all_reduce_mean",
+    "all_reduce_sum",
     "all_reduce_with_grad",
     "argv_from_namespace",
     "barrier",
@@ -49,6 +50,7 @@ __all__ = [
     "cleanup",
     "convert_sync_batchnorm",
     "gather_dataset",
+    "gather_rows_to",
     "get_rank",
     "get_world_size",
     "is_distributed",
@@ -179,14 +181,44 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """The mean of ``t`` over ranks (a new tensor); ``t`` on one process."""
+def gather_rows_to(t: torch.Tensor, dst: int = 0) -> torch.Tensor:
+    """Rows of every rank concatenated in rank order on rank ``dst`` only (``t[:0]`` elsewhere), for data
+    one rank processes alone; ranks may hold different counts. ``t`` itself on one process."""
+    if not is_distributed():
+        return t
+    dev = _comm_device(t)
+    x = t.to(dev)
+    counts = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(get_world_size())]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], dtype=torch.long, device=dev))
+    sizes = [int(c) for c in counts]
+    pad = max(sizes)
+    if x.shape[0] < pad:
+        x = torch.cat([x, x.new_zeros((pad - x.shape[0], *x.shape[1:]))])
+    if get_rank() != dst:
+        dist.gather(x.contiguous(), None, dst=dst)
+        return t[:0]
+    out = [torch.empty_like(x) for _ in sizes]
+    dist.gather(x.contiguous(), out, dst=dst)
+    return torch.cat([o[:s] for o, s in zip(out, sizes)]).to(t.device)
+
+
+@torch.no_grad()
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over ranks (a new tensor, the same on every rank); ``t`` on one process."""
     if not is_distributed():
         return t
     dev = _comm_device(t)
     out = t.detach().to(dev, copy=True)
     dist.all_reduce(out)
-    return (out / get_world_size()).to(t.device)
+    return out.to(t.device)
+
+
+@torch.no_grad()
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean of ``t`` over ranks (a new tensor); ``t`` on one process."""
+    if not is_distributed():
+        return t
+    return all_reduce_sum(t) / get_world_size()
 
 
 @torch.no_grad()
@@ -397,7 +429,9 @@ def argv_from_namespace(args: argparse.Namespace, parser: argparse.ArgumentParse
         if value is None or value == action.default:
             continue
         flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0]
-        if isinstance(action, argparse._StoreTrueAction):  # noqa: SLF001
+        if isinstance(action, argparse.BooleanOptionalAction):  # --x / --no-x
+            optional.append(next(o for o in action.option_strings if o.startswith("--no-") != bool(value)))
+        elif isinstance(action, argparse._StoreTrueAction):  # noqa: SLF001
             optional.append(flag)
         elif isinstance(action, argparse._StoreFalseAction):  # noqa: SLF001
             optional.append(flag)

@@ -11,9 +11,12 @@ Not reproduced: the Sobel input filter of the AlexNet/VGG models in the paper (t
 augmentation decides the input). The paper over-clusters (k=10000 for 1000 ImageNet classes);
 the default here is 30, three times the classes of the small datasets in this zoo.
 
-Under DDP each rank embeds a shard of the training set and the features are gathered
-(``train.clustering.embed_dataset``); every rank runs the same k-means and rank 0's pseudo-labels are
-broadcast, so the sampling order and the targets are identical on all ranks.
+Under DDP each rank embeds a shard of the training set and keeps it (``train.clustering.embed_shard``):
+PCA statistics are all-reduced, k-means (``train.clustering.kmeans_sharded``) trains its centroids on
+rank 0 from a sample of ``kmeans_sample_per_cluster * k`` rows (faiss's default, 256, as the paper's
+faiss k-means; all rows on small datasets), every rank assigns its own rows and only the ``[N]``
+pseudo-labels are gathered, so the sampling order and the targets are identical on all ranks and no
+rank holds the ``[N,D]`` features.
 """
 
 from __future__ import annotations
@@ -25,14 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.clustering import (
-    _broadcast,
-    embed_dataset,
+    embed_shard,
     epoch_seed,
-    kmeans_with_reseed,
+    kmeans_sharded,
     pca_whiten,
     resize_buffers_to_state,
     uniform_cluster_order,
 )
+from train.distributed import gather_dataset
 from train.methods.base import Method, StepContext, register_method
 from zoo.eval.metrics import nmi
 from zoo.model import ZooModel
@@ -62,12 +65,13 @@ class DeepCluster(Method):
 
     def __init__(
         self, model: ZooModel, num_clusters: int = 30, pca_dim: int | None = None, kmeans_niter: int = 20,
-        uniform_sampling: bool = True,
+        uniform_sampling: bool = True, kmeans_sample_per_cluster: int | None = 256,
     ):
         super().__init__(model)
         self.num_clusters = num_clusters
         self.pca_dim = pca_dim
         self.kmeans_niter = kmeans_niter
+        self.kmeans_sample_per_cluster = kmeans_sample_per_cluster
         self.uniform_sampling = uniform_sampling
         self.classifier = nn.Linear(model.num_features, num_clusters)
         self._init_classifier(torch.Generator().manual_seed(0))
@@ -100,13 +104,14 @@ class DeepCluster(Method):
 
     @torch.no_grad()
     def cluster(self, ctx: StepContext) -> torch.Tensor:
-        """Embed the training set, k-means it; returns the pseudo-labels ``[N]`` (CPU, int64)."""
-        feats = embed_dataset(self.model, ctx, normalize=self.pca_dim is None)
+        """Embed the training set, k-means it; returns the pseudo-labels ``[N]`` (CPU, int64).
+        The features stay in this rank's shard (all of them on one process)."""
+        feats, idx = embed_shard(self.model, ctx, normalize=self.pca_dim is None)
         if self.pca_dim is not None:
-            feats = F.normalize(pca_whiten(feats, self.pca_dim), dim=1)
-        labels, _ = kmeans_with_reseed(feats, self.num_clusters, epoch_seed(ctx.seed, ctx.epoch),
-                                       niter=self.kmeans_niter)
-        return _broadcast(labels)
+            feats = F.normalize(pca_whiten(feats, self.pca_dim, sharded=True), dim=1)
+        labels, _ = kmeans_sharded(feats, idx, ctx.dataset_size, self.num_clusters, epoch_seed(ctx.seed, ctx.epoch),
+                                   niter=self.kmeans_niter, max_points_per_centroid=self.kmeans_sample_per_cluster)
+        return gather_dataset(labels, idx, ctx.dataset_size)
 
     def on_epoch_start(self, ctx: StepContext) -> None:
         self._ensure_size(ctx.dataset_size)

@@ -10,8 +10,10 @@ which pulls a query towards its prototype at the prototype's own temperature ``p
 Instance part: query encoder (backbone + 2-layer MLP, MoCo v2) and a momentum copy that encodes
 keys; a queue of past keys holds the negatives. Shuffled BN across GPUs is not reproduced (use the
 trainer's ``sync_bn`` under DDP). Under DDP the E-step embeds one shard of the dataset per rank and
-gathers the features, k-means runs on every rank and rank 0's result is broadcast; the queue receives
-the keys of every rank.
+keeps it there: k-means (``train.clustering.kmeans_sharded``) trains its centroids on rank 0 from a
+sample of ``kmeans_sample_per_cluster * k`` rows (all rows on small datasets), every rank assigns its
+own rows, the concentrations' sums are all-reduced and only the ``[M,N]`` assignments are gathered;
+the queue receives the keys of every rank.
 """
 
 from __future__ import annotations
@@ -23,14 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.clustering import (
-    _broadcast,
-    embed_dataset,
-    epoch_seed,
-    kmeans_with_reseed,
-    resize_buffers_to_state,
-)
-from train.distributed import all_gather_rows
+from train.clustering import embed_shard, epoch_seed, kmeans_sharded, resize_buffers_to_state
+from train.distributed import all_gather_rows, all_reduce_sum, gather_dataset
 from train.methods.base import Method, StepContext, register_method
 from zoo.heads import ProjectionHead
 from zoo.model import ZooModel
@@ -100,15 +96,17 @@ def concentration(
     """Per-cluster concentration ``phi`` ``[K]`` (Li et al. 2021, eq. 12), as the official code computes it.
 
     ``phi_k = sum_{z in k} ||v_z - c_k|| / (Z_k log(Z_k + alpha))`` over the ``Z_k`` features ``v_z``
-    ``[N,D]`` assigned to cluster k (``c_k`` the un-normalised k-means centroid). A cluster of at most
+    ``[N,D]`` assigned to cluster k (``c_k`` the un-normalised k-means centroid). Under DDP ``features``
+    and ``assignments`` may be this rank's shard: the sums are all-reduced. A cluster of at most
     one point takes the largest ``phi``; values are clamped to the 10th..90th percentile and scaled so
     that their mean is ``temperature``.
     """
     k = centroids.shape[0]
     x, c = features.double(), centroids.double()
     dist = (x - c[assignments]).norm(dim=1)  # [N]
-    z = torch.bincount(assignments, minlength=k).double()
-    total = torch.zeros(k, dtype=torch.float64).index_add_(0, assignments, dist)
+    # per-cluster sums over every rank's rows (features and assignments may be this rank's shard)
+    z = all_reduce_sum(torch.bincount(assignments, minlength=k).double())
+    total = all_reduce_sum(torch.zeros(k, dtype=torch.float64).index_add_(0, assignments, dist))
     phi = total / (z.clamp_min(1) * torch.log(z + alpha))
     single = z <= 1
     if bool(single.all()):
@@ -143,6 +141,7 @@ class PCL(Method):
         warmup_epochs_proto: int = 0,
         concentration_alpha: float = 10.0,
         kmeans_niter: int = 20,
+        kmeans_sample_per_cluster: int | None = 1000,
     ):
         super().__init__(model)
         self.projector = ProjectionHead(model.num_features, proj_hidden_dim, proj_dim, num_layers=2,
@@ -159,6 +158,8 @@ class PCL(Method):
         self.warmup_epochs_proto = warmup_epochs_proto
         self.concentration_alpha = concentration_alpha
         self.kmeans_niter = kmeans_niter
+        # k-means trains on at most this many rows per cluster (the official code's faiss setting, 1000)
+        self.kmeans_sample_per_cluster = kmeans_sample_per_cluster
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("assignments", torch.full((len(self.num_clusters), 0), -1, dtype=torch.long))
@@ -189,14 +190,16 @@ class PCL(Method):
         self.on_train_start(ctx)
         if ctx.epoch < self.warmup_epochs_proto:
             return
-        feats = embed_dataset(self.key_embed, ctx, normalize=True, module=self.key_encoder)  # [N,d]
+        # this rank's shard [n_r,d] (all N on one process): no rank holds the whole dataset's features
+        feats, idx = embed_shard(self.key_embed, ctx, normalize=True, module=self.key_encoder)
         for m, k in enumerate(self.num_clusters):
-            assign, centroids = kmeans_with_reseed(feats, k, epoch_seed(ctx.seed, ctx.epoch, offset=m),
-                                                   niter=self.kmeans_niter)
+            assign, centroids = kmeans_sharded(feats, idx, ctx.dataset_size, k,
+                                               epoch_seed(ctx.seed, ctx.epoch, offset=m), niter=self.kmeans_niter,
+                                               max_points_per_centroid=self.kmeans_sample_per_cluster)
             phi = concentration(feats, centroids, assign, self.temperature, self.concentration_alpha)
-            self.assignments[m].copy_(_broadcast(assign))
-            getattr(self, f"prototypes_{m}").copy_(_broadcast(F.normalize(centroids, dim=1)))
-            getattr(self, f"phi_{m}").copy_(_broadcast(phi))
+            self.assignments[m].copy_(gather_dataset(assign, idx, ctx.dataset_size))
+            getattr(self, f"prototypes_{m}").copy_(F.normalize(centroids, dim=1))  # the same on every rank
+            getattr(self, f"phi_{m}").copy_(phi)
         self.clustered_epoch.fill_(ctx.epoch)
 
     # -- M-step ----------------------------------------------------------------------------

@@ -59,14 +59,15 @@ class SwAV(Method):
         self, model: ZooModel, num_prototypes: int = 30, proj_hidden_dim: int = 512, proj_dim: int = 128,
         temperature: float = 0.1, epsilon: float = 0.05, sinkhorn_iters: int = 3, n_small_crops: int = 2,
         small_size: int | None = None, queue_length: int = 0, queue_start_step: int = 0,
-        freeze_prototypes_steps: int = 0, crop_batching: str = "resolution",
+        freeze_prototypes_steps: int = 0, crop_batching: str = "auto",
     ):
         super().__init__(model)
-        if crop_batching not in ("resolution", "crop"):
-            raise ValueError(f"crop_batching must be 'resolution' or 'crop', got {crop_batching!r}")
+        if crop_batching not in ("auto", "resolution", "crop"):
+            raise ValueError(f"crop_batching must be 'auto', 'resolution' or 'crop', got {crop_batching!r}")
         # "resolution": one encoder pass per crop size, as the official code (BatchNorm over all crops
-        # of a size; fastest on GPUs). "crop": one pass per crop, as lightly's example (BatchNorm per
-        # crop; on CPUs the smaller tensors stay in cache and the step is about 6 % faster).
+        # of a size; fewer, larger kernels: the GPU's choice). "crop": one pass per crop, as lightly's
+        # example (BatchNorm per crop); on CPUs the smaller tensors stay in cache and the step is about
+        # 15 % faster (docs/benchmarks.md). "auto": "resolution" on CUDA, "crop" elsewhere.
         self.crop_batching = crop_batching
         self.projector = ProjectionHead(model.num_features, proj_hidden_dim, proj_dim)
         self.prototypes = PrototypeHead(proj_dim, num_prototypes)
@@ -86,7 +87,10 @@ class SwAV(Method):
 
     def embed_crops(self, crops: list[torch.Tensor]) -> torch.Tensor:
         """``V`` crops ``[B,3,h_v,w_v]`` -> L2-normalised projections ``[V*B,D]``; one pass per size (or crop)."""
-        if self.crop_batching == "crop":
+        batching = self.crop_batching
+        if batching == "auto":
+            batching = "resolution" if crops[0].is_cuda else "crop"
+        if batching == "crop":
             return torch.cat([F.normalize(self.projector(self.model.forward_features(c)), dim=1) for c in crops])
         feats, start = [], 0
         while start < len(crops):
