@@ -56,7 +56,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
             cfg = TrainConfig(method=method, data=args.data, backbone=args.backbone, batch_size=args.batch,
                               epochs=100, max_steps=args.warmup + args.steps, ckpt_every=10**9, log_every=10**9,
                               warmup_epochs=0, eval_protocols=[], method_kwargs=SMALL.get(method, {}),
-                              sync_bn=args.sync_bn)
+                              sync_bn=args.sync_bn, channels_last=not args.no_channels_last)
             clock: list[tuple[float, float]] = []
             with tempfile.TemporaryDirectory() as tmp:
                 trainer = Trainer(cfg, tmp, progress=False)
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--sync-bn", action="store_true")
+    p.add_argument("--no-channels-last", action="store_true", help="NCHW instead of the trainer's default NHWC")
     p.add_argument("--embed-model", default="scan_convnet_mnist5k", help="'' to skip the embedding timing")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
     args = p.parse_args(argv)

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -372,7 +373,9 @@ def onnx_for_model(
     """The exported ``.onnx`` of a model, made once into ``$ZOO_CACHE/onnx/<name>-<fingerprint>.onnx``.
 
     ``spec`` is a model, a registered name, a model folder, ``hf-hub:ORG/NAME`` or an existing
-    ``.onnx`` file (returned as is). A fresh export is parity-checked on random inputs first.
+    ``.onnx`` file (returned as is). A fresh export is parity-checked on random inputs first. The cache
+    keeps the newest ``KEEP_EXPORTS`` exports per model name (other weights of the same name, e.g. a
+    retrained run or a random-weight model started again), so it does not grow without bound.
     """
     if isinstance(spec, (str, os.PathLike)) and str(spec).endswith(".onnx"):
         if not Path(spec).is_file():
@@ -399,7 +402,26 @@ def onnx_for_model(
     finally:
         if tmp.exists():
             tmp.unlink()
+    prune_exports(path.parent, name)
     return path
+
+
+KEEP_EXPORTS = 3
+
+
+def prune_exports(directory: Path, name: str, keep: int = KEEP_EXPORTS) -> list[Path]:
+    """Delete all but the ``keep`` newest ``<name>-<16 hex>.onnx`` files in ``directory``; returns the deleted.
+
+    A server that already loaded a deleted file keeps serving: onnxruntime holds the model in memory.
+    """
+    pattern = re.compile(re.escape(name) + r"-[0-9a-f]{16}\.onnx")
+    exports = sorted((p for p in directory.iterdir() if pattern.fullmatch(p.name)),
+                     key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    removed = []
+    for old in exports[keep:]:
+        old.unlink(missing_ok=True)
+        removed.append(old)
+    return removed
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -190,6 +190,15 @@ def test_onnx_for_model_caches_by_weights(tmp_path, monkeypatch):
     second = onnx_for_model(model)
     assert second != first and second.is_file()
     assert sorted(p.name for p in second.parent.iterdir()) == sorted([first.name, second.name])  # no temp files
+    # The cache keeps the newest KEEP_EXPORTS exports of a name; another name's files are not touched.
+    (second.parent / "convnet_tiny_2-0123456789abcdef.onnx").write_bytes(b"another model's export")
+    made = [first, second]
+    for _ in range(so.KEEP_EXPORTS):
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)
+        made.append(onnx_for_model(model))
+    names = sorted(p.name for p in second.parent.iterdir())
+    assert names == sorted([p.name for p in made[-so.KEEP_EXPORTS:]] + ["convnet_tiny_2-0123456789abcdef.onnx"])
 
 
 # ----------------------------------------------------------------------------- CLI
