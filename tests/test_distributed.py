@@ -30,6 +30,8 @@ from train import clustering, distributed
 from train.augment import per_sample_shard, rand_per_sample
 from train.clustering import embed_dataset
 from train.embed import embed
+from train.methods import scan as scan_module
+from train.methods.scan import mine_neighbors
 from train.sinkhorn import sinkhorn_knopp
 from train.trainer import Trainer
 from zoo.checkpoint import load_state, save_model_folder
@@ -57,6 +59,9 @@ KW = {
     "sela": {"num_clusters": 10, "num_heads": 2},
     "scan": {"num_clusters": 10, "num_heads": 1, "num_neighbors": 5},
 }
+
+
+MINING_X = torch.randn(50, 8, generator=torch.Generator().manual_seed(5))
 
 
 def _cfg(method: str, **kw):
@@ -149,8 +154,17 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         finally:
             clustering.gather_rows_to = real_gather
         t = Trainer(_cfg("scan"), Path(out) / "scan", progress=False)
-        t.method.on_train_start(t.context(0))
+        scan_gathers: list[tuple] = []
+        real_scan_gather = scan_module.gather_dataset
+        scan_module.gather_dataset = lambda r, i, n: scan_gathers.append((r.dtype, *r.shape)) or real_scan_gather(r, i, n)
+        try:
+            t.method.on_train_start(t.context(0))
+        finally:
+            scan_module.gather_dataset = real_scan_gather
         res["scan_neighbors"] = t.method.neighbors.clone()
+        res["scan_gathers"] = scan_gathers
+        lo, hi = distributed.shard_range(50)
+        res["mined"] = scan_module.mine_neighbors_sharded(MINING_X[lo:hi], 50, 4)
         # Sharded embedding of a dataset and of a folder.
         embed(Path(out) / "model", Path(out) / "emb_data", data="digits", split="test", batch_size=100,
               progress=False)
@@ -266,6 +280,11 @@ def test_dataset_wide_steps_cover_the_whole_dataset(ranks, tmp_path, one_thread)
     c.method.on_train_start(c.context(0))
     assert torch.equal(res[0]["scan_neighbors"], res[1]["scan_neighbors"])
     assert (res[0]["scan_neighbors"] == c.method.neighbors).float().mean() > 0.99
+    # SCAN's features stayed in shards: the only gather is of the ranks' [n_r, k] neighbour lists.
+    for r in range(WORLD):
+        assert res[r]["scan_gathers"] == [(torch.int64, 721, 5)]
+    # Mining over shards (each rank's block broadcast in turn) equals mining over all rows.
+    assert torch.equal(torch.cat([res[0]["mined"], res[1]["mined"]]), mine_neighbors(MINING_X, 4))
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -14,7 +14,7 @@
   stay in shards, one per rank, so no process ever holds the ``[N,D]`` features of a large dataset.
 
 Under DDP :func:`embed_dataset` embeds one shard of the training set per rank and gathers the features
-on every rank (SCAN's neighbour mining needs them all). DeepCluster and PCL keep their shards:
+on every rank. DeepCluster and PCL keep their shards (and SCAN too, ``mine_neighbors_sharded``):
 :func:`kmeans_sharded` trains the centroids on rank 0 from a sample of at most
 ``max_points_per_centroid * k`` rows (faiss's own default sample, all ``N`` rows on small datasets,
 so one process and several give the same clusters), broadcasts them, and every rank assigns its

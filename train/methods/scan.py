@@ -14,9 +14,9 @@ method of the zoo, e.g. SimCLR or MoCo, loaded with ``pretext=``):
    class-balanced by the inverse frequency of the pseudo-labels.
 
 Epochs ``[0, scan_epochs)`` are stage 2, the remaining trainer epochs stage 3.
-Under DDP the neighbours are mined over the whole dataset: each rank embeds a shard, the features are
-gathered, each rank searches the neighbours of its share of the images among all of them, and the
-neighbour lists are gathered; per-sample random draws (the picked neighbour, Cutout) are
+Under DDP the neighbours are mined over the whole dataset with the features left in shards: each rank
+embeds its share, the shards are broadcast one at a time and each rank keeps the running top-k of its
+own images (:func:`mine_neighbors_sharded`), and the neighbour lists are gathered; per-sample random draws (the picked neighbour, Cutout) are
 rank-consistent slices of the global batch's.
 ``export()`` returns the encoder with its cluster head (best head selected), so the published
 model folder predicts clusters ``[B,K]`` with ``model.predict_cluster(images)``.
@@ -34,7 +34,14 @@ import torch.nn.functional as F
 
 from train.augment import AugmentConfig, ViewAugment, normalize, rand_per_sample, randint_per_sample
 from train.clustering import iterate_shard
-from train.distributed import gather_dataset, shard_range
+from train.distributed import (
+    broadcast_tensor,
+    gather_dataset,
+    get_rank,
+    get_world_size,
+    is_distributed,
+    shard_range,
+)
 from train.methods.base import Method, StepContext, register_method
 from zoo.heads import ClusterHead
 from zoo.model import ZooModel
@@ -116,26 +123,8 @@ def selflabel_loss(
 
 
 # ----------------------------------------------------------------------------- neighbours
-def mine_neighbors(features: torch.Tensor, k: int, backend: str = "auto", rows: slice | None = None) -> torch.Tensor:
-    """The ``k`` nearest neighbours of every row by cosine similarity, excluding the row itself.
-
-    Args:
-        features: ``[N,D]`` features (L2-normalised here).
-        k: neighbours per sample, ``1 <= k < N``.
-        backend: ``"faiss"`` (exact ``IndexFlatIP``, on the GPU when faiss sees one), ``"torch"``
-            (chunked matrix products), or ``"auto"``: faiss when it imports.
-        rows: mine only for these rows (searched among all ``N``); under DDP each rank takes a share.
-
-    Returns:
-        ``[N,k]`` (or ``[len(rows),k]``) long, most similar first. The sample itself is never among its
-        neighbours, even when a duplicate of it ranks first.
-    """
-    n = features.shape[0]
-    if not 1 <= k < n:
-        raise ValueError(f"need 1 <= k < N to mine neighbours, got k={k}, N={n}")
-    x = F.normalize(features.detach().float().cpu(), dim=1).contiguous()
-    ids = torch.arange(n)[rows if rows is not None else slice(None)]
-    q = x[ids].contiguous()
+def _search(database: torch.Tensor, queries: torch.Tensor, k: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact inner-product search: ``(similarities [Q,k], row indices [Q,k])``, most similar first."""
     if backend == "auto":
         try:
             import faiss  # noqa: F401
@@ -146,20 +135,75 @@ def mine_neighbors(features: torch.Tensor, k: int, backend: str = "auto", rows: 
     if backend == "faiss":
         import faiss
 
-        index = faiss.IndexFlatIP(x.shape[1])
+        index = faiss.IndexFlatIP(database.shape[1])
         if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-        index.add(x.numpy())
-        _, found = index.search(q.numpy(), k + 1)  # [N,k+1]
-        found = torch.from_numpy(np.ascontiguousarray(found)).long()
-    elif backend == "torch":
-        found = torch.cat([(chunk @ x.T).topk(k + 1, dim=1).indices for chunk in q.split(4096)])
-    else:
-        raise ValueError(f"unknown backend {backend!r}; use auto, faiss or torch")
-    # Drop the sample itself; where a duplicate pushed it out of the k+1, drop the last instead.
+        index.add(database.numpy())
+        sims, found = index.search(queries.numpy(), k)
+        return torch.from_numpy(np.ascontiguousarray(sims)), torch.from_numpy(np.ascontiguousarray(found)).long()
+    if backend == "torch":
+        tops = [(chunk @ database.T).topk(k, dim=1) for chunk in queries.split(4096)]
+        return torch.cat([t.values for t in tops]), torch.cat([t.indices for t in tops])
+    raise ValueError(f"unknown backend {backend!r}; use auto, faiss or torch")
+
+
+def _drop_self(found: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """``[Q,k+1]`` candidates -> ``[Q,k]`` without the sample itself; where a duplicate pushed it out of
+    the k+1, drop the last instead."""
     drop = found == ids.unsqueeze(1)
     drop[:, -1] |= ~drop.any(dim=1)
     return found[~drop].view(ids.numel(), k)
+
+
+def mine_neighbors(features: torch.Tensor, k: int, backend: str = "auto", rows: slice | None = None) -> torch.Tensor:
+    """The ``k`` nearest neighbours of every row by cosine similarity, excluding the row itself.
+
+    Args:
+        features: ``[N,D]`` features (L2-normalised here).
+        k: neighbours per sample, ``1 <= k < N``.
+        backend: ``"faiss"`` (exact ``IndexFlatIP``, on the GPU when faiss sees one), ``"torch"``
+            (chunked matrix products), or ``"auto"``: faiss when it imports.
+        rows: mine only for these rows (searched among all ``N``).
+
+    Returns:
+        ``[N,k]`` (or ``[len(rows),k]``) long, most similar first. The sample itself is never among its
+        neighbours, even when a duplicate of it ranks first.
+    """
+    n = features.shape[0]
+    if not 1 <= k < n:
+        raise ValueError(f"need 1 <= k < N to mine neighbours, got k={k}, N={n}")
+    x = F.normalize(features.detach().float().cpu(), dim=1).contiguous()
+    ids = torch.arange(n)[rows if rows is not None else slice(None)]
+    _, found = _search(x, x[ids].contiguous(), k + 1, backend)
+    return _drop_self(found, ids, k)
+
+
+@torch.no_grad()
+def mine_neighbors_sharded(shard: torch.Tensor, n: int, k: int, backend: str = "auto") -> torch.Tensor:
+    """:func:`mine_neighbors` for this rank's rows when the ``N`` rows are spread over the ranks.
+
+    ``shard``: this rank's ``[n_r,D]`` rows, the contiguous ``shard_range(n)`` of the dataset (as
+    ``iterate_shard`` yields them). Each rank's shard is broadcast in turn and searched, the running
+    top ``k+1`` merged, so a rank holds its shard and one other at a time, never ``[N,D]``.
+    Returns ``[n_r,k]`` dataset indices, most similar first, the sample itself excluded.
+    """
+    if not 1 <= k < n:
+        raise ValueError(f"need 1 <= k < N to mine neighbours, got k={k}, N={n}")
+    world, rank = get_world_size(), get_rank()
+    lo, hi = shard_range(n, rank, world)
+    if shard.shape[0] != hi - lo:
+        raise ValueError(f"rank {rank} holds {shard.shape[0]} rows, its shard of {n} has {hi - lo}")
+    q = F.normalize(shard.detach().float().cpu(), dim=1).contiguous()
+    best_sims = torch.empty(q.shape[0], 0)
+    best_ids = torch.empty(q.shape[0], 0, dtype=torch.long)
+    for src in range(world):
+        b_lo, b_hi = shard_range(n, src, world)
+        block = q.clone() if src == rank else torch.empty(b_hi - b_lo, q.shape[1])
+        broadcast_tensor(block, src)
+        sims, found = _search(block, q, min(k + 1, b_hi - b_lo), backend)
+        best_sims, pos = torch.cat([best_sims, sims], dim=1).topk(min(k + 1, best_sims.shape[1] + sims.shape[1]), dim=1)
+        best_ids = torch.cat([best_ids, found + b_lo], dim=1).gather(1, pos)
+    return _drop_self(best_ids, torch.arange(lo, hi), k)
 
 
 def neighbor_accuracy(neighbors: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> float:
@@ -351,8 +395,9 @@ class SCAN(Method):
 
     # -- neighbour mining -----------------------------------------------------------------
     @torch.no_grad()
-    def embed_dataset(self, ctx: StepContext) -> torch.Tensor:
-        """L2-normalised features ``[N,D]`` of the un-augmented training set, encoder in eval mode."""
+    def embed_shard(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised features ``[n_r,D]`` of this rank's shard of the un-augmented training set (all of
+        it on one process) and their dataset indices ``[n_r]``; encoder in eval mode."""
         if ctx.iterate_dataset is None:
             raise RuntimeError("SCAN needs ctx.iterate_dataset to mine neighbours")
         cfg = ctx.augment.cfg
@@ -370,19 +415,24 @@ class SCAN(Method):
             self.model.train(was_training)
         if not feats:
             raise RuntimeError("the training set is empty")
-        return gather_dataset(torch.cat(feats), torch.cat(order), ctx.dataset_size)  # [N,D] on every rank
+        return torch.cat(feats), torch.cat(order)
 
     def on_train_start(self, ctx: StepContext) -> None:
-        """Mine the neighbours with the pretext features, once (a resumed run restores them instead)."""
+        """Mine the neighbours with the pretext features, once (a resumed run restores them instead).
+        Under DDP the features stay in shards (:func:`mine_neighbors_sharded`); only the ``[N,k]``
+        neighbour lists are gathered."""
         if self.neighbors.numel() > 0:
             if self.neighbors.shape[0] != ctx.dataset_size:
                 raise ValueError(f"neighbours were mined for {self.neighbors.shape[0]} images, "
                                  f"the training set has {ctx.dataset_size}")
             return
-        lo, hi = shard_range(ctx.dataset_size)  # everything on one process
-        mine = mine_neighbors(self.embed_dataset(ctx), self.num_neighbors, rows=slice(lo, hi))
-        neighbors = gather_dataset(mine, torch.arange(lo, hi), ctx.dataset_size)
-        self.neighbors = neighbors.to(self.head_loss_sum.device)
+        feats, ids = self.embed_shard(ctx)
+        n = ctx.dataset_size
+        if is_distributed():
+            mine = mine_neighbors_sharded(feats, n, self.num_neighbors)
+        else:
+            mine = mine_neighbors(gather_dataset(feats, ids, n), self.num_neighbors)[ids]
+        self.neighbors = gather_dataset(mine, ids, n).to(self.head_loss_sum.device)
 
     def _load_from_state_dict(
         self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any, **kwargs: Any
