@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from train.methods.sela import label_update_epochs, sela_labels
 from train.methods.swav import swapped_prediction_loss
-from train.sinkhorn import sinkhorn_knopp
+from train.sinkhorn import sinkhorn_argmax_streamed, sinkhorn_knopp
 from train.trainer import Trainer
 
 from .method_checks import check_resume_bit_exact, check_two_steps_lower_loss, tiny_cfg
@@ -217,6 +217,26 @@ def test_sela_labels_equal_partition():
     assert labels.shape == (n,) and labels.dtype == torch.long
     counts = torch.bincount(labels, minlength=k)
     assert counts.max() <= 2 * n / k and counts.min() > 0
+
+
+def test_streamed_sinkhorn_labels_equal_the_in_memory_solution():
+    """SeLa's label step recomputes scores chunk by chunk and keeps only the potentials: the labels are
+    the argmax of sinkhorn_knopp's plan on the whole matrix, for any chunking."""
+    n, k = 700, 7
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(n, k, generator=g) * 2
+    logits[:, 0] += 2.0  # skewed, so the balancing matters
+    log_probs = logits.log_softmax(dim=1)
+    for iters in (1, 30):
+        ref = sinkhorn_knopp(log_probs, epsilon=1 / 25, n_iters=iters).argmax(dim=1)
+        assert not torch.equal(ref, log_probs.argmax(dim=1))
+        for chunk in (700, 64, 9):
+            rows: list[int] = []
+            got = sinkhorn_argmax_streamed(lambda sl, rows=rows: rows.append(sl.stop - sl.start) or log_probs[sl], n,
+                                           epsilon=1 / 25, n_iters=iters, chunk=chunk)
+            assert torch.equal(got, ref), (iters, chunk)
+            assert max(rows) <= chunk and sum(rows) == n * (iters + 2)  # max pass, iterations, argmax pass
+    assert torch.equal(sela_labels(log_probs, lam=25.0, n_iters=30), ref)
 
 
 def test_sela_schedule():

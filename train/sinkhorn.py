@@ -15,9 +15,15 @@ column sums and the sample count go through :func:`_all_reduce_sum` / :func:`_al
 which are the identity unless ``torch.distributed`` is initialised. Every rank must call with its
 own rows (the same K), as SwAV's batch codes and SeLa's sharded label step do; ``tests/test_distributed.py``
 checks that two ranks with half the rows each get exactly the rows of the one-process solution.
+
+:func:`sinkhorn_argmax_streamed` solves the same problem for a dataset whose ``[N,K]`` scores are
+too large to hold: it keeps only the ``[N]`` row and ``[K]`` column potentials and recomputes the
+scores chunk by chunk (SeLa's label step, from the features it already holds).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -113,3 +119,54 @@ def sinkhorn_knopp(
         log_q = log_q - _logsumexp_over_samples(log_q) + log_c  # column k sums to c_k
         log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) + log_r  # row n sums to r_n
     return torch.exp(log_q).to(out_dtype)
+
+
+@torch.no_grad()
+def sinkhorn_argmax_streamed(
+    scores_of: Callable[[slice], torch.Tensor], n: int, epsilon: float = 0.05, n_iters: int = 3,
+    chunk: int = 65536,
+) -> torch.Tensor:
+    """``sinkhorn_knopp(S, epsilon, n_iters).argmax(dim=1)`` without ever holding ``S`` or ``Q`` (``[N,K]``).
+
+    Args:
+        scores_of: maps a slice of this rank's rows to their scores ``[rows, K]`` (recomputed, e.g. a
+            head applied to stored features), called ``n_iters + 2`` times per row.
+        n: this rank's number of rows; under DDP the problem spans every rank's rows, as in
+            :func:`sinkhorn_knopp`. epsilon, n_iters: as there (default marginals: rows sum to 1,
+            columns to ``N/K``: equal partition).
+        chunk: rows per call of ``scores_of``.
+
+    Returns:
+        ``[n]`` long: the cluster of each row. In potentials, ``log Q = S/epsilon + a_n + b_k``; each
+        iteration's column update ``b = log c - logsumexp_n(S/epsilon + a)`` is one pass over the rows
+        that also applies the previous row update ``a = -logsumexp_k(S/epsilon + b)``. The final row
+        update only shifts each row, so the argmax needs ``b`` alone. Memory: ``[n]`` + ``[K]`` + a chunk.
+    """
+    if n_iters < 1 or epsilon <= 0:
+        raise ValueError(f"need n_iters >= 1 and epsilon > 0, got {n_iters}, {epsilon}")
+    slices = [slice(i, min(n, i + chunk)) for i in range(0, n, chunk)] or [slice(0, 0)]
+    local_max = float("-inf")
+    for sl in slices:  # first pass: K, the device and the global max
+        scores = scores_of(sl)
+        k, device = scores.shape[1], scores.device
+        if scores.numel():
+            local_max = max(local_max, float(scores.max()))
+    shift = _all_reduce_max(torch.tensor(local_max, device=device))  # as sinkhorn_knopp: keep the spread
+
+    def scaled(sl: slice) -> torch.Tensor:
+        return (scores_of(sl).float() - shift) / epsilon
+
+    total = _all_reduce_sum(torch.tensor(float(n), device=device))
+    log_c = torch.log(total / k) * torch.ones(k, device=device)
+    a = torch.zeros(n, device=device)
+    b = torch.zeros(k, device=device)
+    for it in range(n_iters):
+        col = torch.full((k,), float("-inf"), device=device)
+        for sl in slices:
+            s = scaled(sl)
+            if it > 0:  # the previous iteration's row update
+                a[sl] = -torch.logsumexp(s + b, dim=1)
+            col = torch.logaddexp(col, torch.logsumexp(s + a[sl].unsqueeze(1), dim=0))
+        m = _all_reduce_max(col)  # logsumexp over the ranks' rows
+        b = log_c - (torch.log(_all_reduce_sum(torch.exp(col - m))) + m)
+    return torch.cat([(scaled(sl) + b).argmax(dim=1) for sl in slices])

@@ -12,9 +12,11 @@ Several heads (``num_heads`` independent clusterings) share the encoder, as the 
 multi-head variant does. They are the encoder's cluster head (``ZooModel.cluster_head``), so the
 exported model predicts clusters with head 0.
 
-Under DDP the label step is distributed: each rank predicts its shard of the dataset, Sinkhorn-Knopp
-balances the global problem (``train.sinkhorn`` all-reduces its column sums) and the labels are
-gathered, so every rank holds all ``N`` labels.
+The label step holds the dataset's encoder features, not its ``[N,K]`` predictions: each Sinkhorn pass
+recomputes every head's log-probabilities chunk by chunk (``sinkhorn_argmax_streamed``), so many heads
+of many clusters cost no more memory than one. Under DDP it is distributed: each rank embeds its shard
+of the dataset, Sinkhorn-Knopp balances the global problem (``train.sinkhorn`` all-reduces its column
+sums) and the labels are gathered, so every rank holds all ``N`` labels.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from train.augment import normalize
 from train.clustering import iterate_shard
 from train.distributed import gather_dataset
 from train.methods.base import Method, StepContext, register_method
-from train.sinkhorn import sinkhorn_knopp
+from train.sinkhorn import sinkhorn_argmax_streamed, sinkhorn_knopp
 from zoo.heads import ClusterHead
 from zoo.model import ZooModel
 
@@ -63,7 +65,7 @@ class SeLa(Method):
 
     def __init__(
         self, model: ZooModel, num_clusters: int = 10, num_heads: int = 2, lam: float = 25.0,
-        label_updates: int = 2, sinkhorn_iters: int = 50,
+        label_updates: int = 2, sinkhorn_iters: int = 50, label_chunk: int = 65536,
     ):
         super().__init__(model)
         if model.cluster_head is None:  # the heads become the exported model's cluster head
@@ -76,6 +78,7 @@ class SeLa(Method):
         self.lam = lam
         self.label_updates = label_updates
         self.sinkhorn_iters = sinkhorn_iters
+        self.label_chunk = label_chunk  # rows whose log-probabilities the label step holds at a time
         # [num_heads, N] pseudo-labels of the whole training set; sized on train start (or by a checkpoint).
         self.register_buffer("labels", torch.zeros(num_heads, 0, dtype=torch.long))
 
@@ -95,9 +98,9 @@ class SeLa(Method):
             self.labels = torch.zeros(len(self.heads), ctx.dataset_size, dtype=torch.long, device=ctx.device)
 
     @torch.no_grad()
-    def dataset_log_probs(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([num_heads, n, K] log-probabilities, [n] dataset indices)`` of every head over the (unaugmented)
-        training set: all ``N`` images in index order on one process, this rank's shard under DDP."""
+    def dataset_features(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([n, D] encoder features, [n] dataset indices)`` of the (unaugmented) training set: all ``N``
+        images in index order on one process, this rank's shard under DDP."""
         if ctx.iterate_dataset is None:
             raise RuntimeError("SeLa needs ctx.iterate_dataset to label the whole dataset")
         was_training = self.training
@@ -105,19 +108,24 @@ class SeLa(Method):
         cfg = ctx.augment.cfg  # no augmentation, only the views' normalisation
         parts, order = [], []
         for images, idx in iterate_shard(ctx):
-            feats = self.model.forward_features(normalize(images.to(ctx.device), cfg.mean, cfg.std))
-            parts.append(torch.stack([F.log_softmax(head(feats).float(), dim=1) for head in self.heads]))
+            parts.append(self.model.forward_features(normalize(images.to(ctx.device), cfg.mean, cfg.std)))
             order.append(idx.long().cpu())
         self.train(was_training)
-        return torch.cat(parts, dim=1), torch.cat(order)
+        return torch.cat(parts), torch.cat(order)
 
     @torch.no_grad()
     def update_labels(self, ctx: StepContext) -> None:
-        """SeLa's label step for every head (Sinkhorn over all ranks' rows under DDP)."""
+        """SeLa's label step for every head. Only the features are held (``[n, D]``, shared by the heads);
+        each head's ``[n, K]`` log-probabilities are recomputed chunk by chunk in every Sinkhorn pass
+        (:func:`train.sinkhorn.sinkhorn_argmax_streamed`, over all ranks' rows under DDP)."""
         self.on_train_start(ctx)
-        log_probs, idx = self.dataset_log_probs(ctx)
-        for h in range(len(self.heads)):
-            labels = sela_labels(log_probs[h], self.lam, self.sinkhorn_iters)
+        feats, idx = self.dataset_features(ctx)
+        for h, head in enumerate(self.heads):
+            def log_probs(rows: slice, head: nn.Module = head) -> torch.Tensor:
+                return F.log_softmax(head(feats[rows]).float(), dim=1)
+
+            labels = sinkhorn_argmax_streamed(log_probs, feats.shape[0], 1.0 / self.lam, self.sinkhorn_iters,
+                                              chunk=self.label_chunk)
             self.labels[h] = gather_dataset(labels, idx.to(labels.device), ctx.dataset_size).to(self.labels.device)
 
     def on_epoch_start(self, ctx: StepContext) -> None:
