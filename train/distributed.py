@@ -162,21 +162,27 @@ def all_reduce_with_grad(t: torch.Tensor) -> torch.Tensor:
         return all_reduce(t)
 
 
-@torch.no_grad()
-def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Rows of every rank concatenated in rank order (no gradient); ranks may hold different counts."""
-    if not is_distributed():
-        return t
+def _padded_rows(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """``t`` on the communication device, zero-padded to the largest row count of any rank, and every
+    rank's row count (collectives need equal shapes)."""
     dev = _comm_device(t)
     x = t.to(dev)
     counts = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(get_world_size())]
     dist.all_gather(counts, torch.tensor([x.shape[0]], dtype=torch.long, device=dev))
     sizes = [int(c) for c in counts]
-    pad = max(sizes)
-    if x.shape[0] < pad:
-        x = torch.cat([x, x.new_zeros((pad - x.shape[0], *x.shape[1:]))])
+    if x.shape[0] < max(sizes):
+        x = torch.cat([x, x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))])
+    return x.contiguous(), sizes
+
+
+@torch.no_grad()
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Rows of every rank concatenated in rank order (no gradient); ranks may hold different counts."""
+    if not is_distributed():
+        return t
+    x, sizes = _padded_rows(t)
     out = [torch.empty_like(x) for _ in sizes]
-    dist.all_gather(out, x.contiguous())
+    dist.all_gather(out, x)
     return torch.cat([o[:s] for o, s in zip(out, sizes)]).to(t.device)
 
 
@@ -186,19 +192,12 @@ def gather_rows_to(t: torch.Tensor, dst: int = 0) -> torch.Tensor:
     one rank processes alone; ranks may hold different counts. ``t`` itself on one process."""
     if not is_distributed():
         return t
-    dev = _comm_device(t)
-    x = t.to(dev)
-    counts = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(get_world_size())]
-    dist.all_gather(counts, torch.tensor([x.shape[0]], dtype=torch.long, device=dev))
-    sizes = [int(c) for c in counts]
-    pad = max(sizes)
-    if x.shape[0] < pad:
-        x = torch.cat([x, x.new_zeros((pad - x.shape[0], *x.shape[1:]))])
+    x, sizes = _padded_rows(t)
     if get_rank() != dst:
-        dist.gather(x.contiguous(), None, dst=dst)
+        dist.gather(x, None, dst=dst)
         return t[:0]
     out = [torch.empty_like(x) for _ in sizes]
-    dist.gather(x.contiguous(), out, dst=dst)
+    dist.gather(x, out, dst=dst)
     return torch.cat([o[:s] for o, s in zip(out, sizes)]).to(t.device)
 
 
