@@ -2,6 +2,7 @@
 
     python benchmarks/throughput_vs_lightly.py --backbone convnet --size 32 --batch 128 --rounds 5
     python benchmarks/throughput_vs_lightly.py --memory-format nchw   # like for like: both sides NCHW
+    python benchmarks/throughput_vs_lightly.py --device cuda --amp --backbone resnet18 --batch 256  # a GPU
 
 Both sides use the same backbone, batch size, input size and the same augmentation call
 (``train.augment.ViewAugment``, so augmentation cost is identical); the method-specific parts
@@ -21,6 +22,7 @@ official per-resolution batching.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -126,22 +128,38 @@ def base_method(method: str) -> str:
 
 def bench(method: str, args) -> dict:
     torch.manual_seed(0)
+    device = torch.device(args.device)
     aug = ViewAugment(AugmentConfig(size=args.size))
-    images = torch.rand(args.batch, 3, args.size, args.size)
+    images = torch.rand(args.batch, 3, args.size, args.size).to(device)
     n_small = 2 if method.startswith("swav") else 0
     ours_nhwc = args.memory_format in ("trainer", "nhwc")
     lightly_nhwc = args.memory_format == "nhwc"
+    # --amp: both sides' forward and loss under bf16 autocast (the trainer's `amp: bf16`)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
 
-    ours = make_ours(method, ZooModel(args.backbone, {}), n_small).train()
+    def sync() -> None:  # CUDA runs asynchronously: wait for the step before reading the clock
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with device:  # modules (and lightly's memory bank) are created on the device
+        ours = make_ours(method, ZooModel(args.backbone, {}), n_small).train()
+        lb = ZooModel(args.backbone, {}).backbone.train()
+        l_fn, l_params = lightly_step_fn(base_method(method), lb, lb.num_features, n_small)
     if ours_nhwc:  # as Trainer.prepare_step does
         ours.to(memory_format=torch.channels_last)
+    if lightly_nhwc:  # the heads are linear layers: only the backbone has a memory format
+        lb.to(memory_format=torch.channels_last)
+    if args.compile:  # both backbones, as the trainer's `torch_compile` does for ours
+        ours.model.backbone.compile()
+        lb.compile()
     ours_opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     ctx = StepContext(augment=aug, generator=gen, total_steps=1000)
     ours.on_train_start(ctx)
 
     def our_step():
-        out = ours.training_step(images, torch.arange(args.batch), ctx)
+        with autocast():
+            out = ours.training_step(images, torch.arange(args.batch), ctx)
         ours_opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         ours.on_before_optimizer_step(ctx)
@@ -149,19 +167,16 @@ def bench(method: str, args) -> dict:
         ours.on_after_optimizer_step(ctx)
         ctx.step += 1
 
-    lb = ZooModel(args.backbone, {}).backbone.train()
-    l_fn, l_params = lightly_step_fn(base_method(method), lb, lb.num_features, n_small)
-    if lightly_nhwc:  # the heads are linear layers: only the backbone has a memory format
-        lb.to(memory_format=torch.channels_last)
     l_opt = torch.optim.AdamW(l_params, lr=1e-3)
     lgen = torch.Generator().manual_seed(0)
 
     def lightly_step():
-        if method.startswith("swav"):
-            views = aug.multi_crop(images, lgen, n_large=2, n_small=n_small)
-        else:
-            views = aug.views(images, lgen, 2)
-        loss = l_fn(views)
+        with autocast():  # augmentation inside too, as in our training_step
+            if method.startswith("swav"):
+                views = aug.multi_crop(images, lgen, n_large=2, n_small=n_small)
+            else:
+                views = aug.views(images, lgen, 2)
+            loss = l_fn(views)
         l_opt.zero_grad(set_to_none=True)
         loss.backward()
         l_opt.step()
@@ -169,6 +184,7 @@ def bench(method: str, args) -> dict:
     for _ in range(args.warmup):
         our_step()
         lightly_step()
+    sync()
     wall = {"ours": [], "lightly": []}
     cpu = {"ours": [], "lightly": []}
     steps = {"ours": our_step, "lightly": lightly_step}
@@ -178,6 +194,7 @@ def bench(method: str, args) -> dict:
             start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 steps[name]()
+            sync()
             wall[name].append((time.perf_counter() - start) / args.steps)
             cpu[name].append((time.process_time() - start_cpu) / args.steps)
     ours_t, lightly_t = statistics.median(wall["ours"]), statistics.median(wall["lightly"])
@@ -204,6 +221,9 @@ def main() -> None:
     parser.add_argument("--methods", default="simclr,moco,byol,swav,swav_resolution")
     parser.add_argument("--memory-format", choices=["trainer", "nchw", "nhwc"], default="trainer",
                         help="trainer: each side's default (ours NHWC, lightly NCHW); nchw/nhwc: both sides")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast on both sides")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both backbones")
     parser.add_argument("--backbone", default="convnet")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=128)
@@ -213,8 +233,9 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "throughput_vs_lightly.json"))
     args = parser.parse_args()
     rows = [bench(m, args) for m in args.methods.split(",")]
-    print(f"backbone={args.backbone} size={args.size} batch={args.batch} device=cpu threads={torch.get_num_threads()} "
-          f"memory format={args.memory_format}")
+    where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"cpu threads={torch.get_num_threads()}"
+    print(f"backbone={args.backbone} size={args.size} batch={args.batch} device={where} "
+          f"memory format={args.memory_format} amp={'bf16' if args.amp else 'off'} compile={args.compile}")
     print("| method | ours img/s | lightly img/s | ours / lightly (wall) | 95 % interval | ours / lightly (CPU time) |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -16,7 +16,7 @@ def test_throughput_vs_lightly_smoke(tmp_path):
     out = tmp_path / "tp.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput_vs_lightly.py"), "--methods", "simclr,swav",
            "--backbone", "convnet_tiny", "--size", "16", "--batch", "8", "--rounds", "2", "--steps", "1",
-           "--warmup", "0", "--json", str(out)]
+           "--warmup", "0", "--amp", "--json", str(out)]  # bf16 autocast runs on the CPU too
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-2000:]
