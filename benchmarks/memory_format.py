@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 import torch
-from throughput_vs_lightly import make_ours, paired_ratio_interval
+from throughput_vs_lightly import make_ours, our_step_fn, paired_ratio_interval
 
 from train.augment import AugmentConfig, ViewAugment
-from train.methods import StepContext
 from zoo.model import ZooModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,21 +33,7 @@ def step_fn(method: str, channels_last: bool, images: torch.Tensor, backbone: st
     model = make_ours(method, ZooModel(backbone, {}), 2 if method == "swav" else 0).train()
     if channels_last:  # as Trainer.prepare_step does
         model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    ctx = StepContext(augment=ViewAugment(AugmentConfig(size=images.shape[-1])),
-                      generator=torch.Generator().manual_seed(0), total_steps=1000)
-    model.on_train_start(ctx)
-
-    def step() -> None:
-        out = model.training_step(images, torch.arange(images.shape[0]), ctx)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        model.on_before_optimizer_step(ctx)
-        opt.step()
-        model.on_after_optimizer_step(ctx)
-        ctx.step += 1
-
-    return step
+    return our_step_fn(model, images, ViewAugment(AugmentConfig(size=images.shape[-1])))
 
 
 def bench(method: str, threads: int, batch: int, args: argparse.Namespace) -> dict:

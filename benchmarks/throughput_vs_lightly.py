@@ -28,6 +28,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -126,6 +127,28 @@ def base_method(method: str) -> str:
     return method.removesuffix("_resolution")
 
 
+def our_step_fn(ours: nn.Module, images: torch.Tensor, aug: ViewAugment,
+                autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Callable[[], None]:
+    """One of our training steps on ``images`` as the trainer runs it: augment + forward (under
+    ``autocast``) + backward + AdamW + the method's hooks (EMA, queues, prototype normalisation)."""
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-3)
+    ctx = StepContext(augment=aug, generator=torch.Generator().manual_seed(0), total_steps=1000)
+    ours.on_train_start(ctx)
+    indices = torch.arange(images.shape[0])
+
+    def step() -> None:
+        with autocast():
+            out = ours.training_step(images, indices, ctx)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        ours.on_before_optimizer_step(ctx)
+        opt.step()
+        ours.on_after_optimizer_step(ctx)
+        ctx.step += 1
+
+    return step
+
+
 def bench(method: str, args) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -152,21 +175,7 @@ def bench(method: str, args) -> dict:
     if args.compile:  # both backbones, as the trainer's `torch_compile` does for ours
         ours.model.backbone.compile()
         lb.compile()
-    ours_opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    ctx = StepContext(augment=aug, generator=gen, total_steps=1000)
-    ours.on_train_start(ctx)
-
-    def our_step():
-        with autocast():
-            out = ours.training_step(images, torch.arange(args.batch), ctx)
-        ours_opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        ours.on_before_optimizer_step(ctx)
-        ours_opt.step()
-        ours.on_after_optimizer_step(ctx)
-        ctx.step += 1
-
+    our_step = our_step_fn(ours, images, aug, autocast)
     l_opt = torch.optim.AdamW(l_params, lr=1e-3)
     lgen = torch.Generator().manual_seed(0)
 

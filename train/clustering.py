@@ -75,6 +75,7 @@ def embed_shard(
     ctx: Any,
     normalize: bool = True,
     module: nn.Module | None = None,
+    batch_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's share of the training set embedded: ``(features [n_r,D] float32 CPU, indices [n_r])``.
 
@@ -84,7 +85,8 @@ def embed_shard(
     put in eval mode for the pass (BN uses running statistics, nothing is updated) and each of its
     submodules gets its previous train/eval mode back afterwards. ``normalize`` L2-normalises rows.
     Consumes no random numbers. Under DDP the share is the contiguous ``shard_range`` of this rank
-    (ranks in order cover ``0..N-1``); on one process it is the whole set.
+    (ranks in order cover ``0..N-1``); on one process it is the whole set. ``batch_size``: images per
+    forward pass (default: the trainer's).
     """
     if ctx.iterate_dataset is None:
         raise ValueError("embed_shard needs ctx.iterate_dataset (the trainer provides it)")
@@ -96,7 +98,7 @@ def embed_shard(
     feats: list[torch.Tensor] = []
     order: list[torch.Tensor] = []
     try:
-        for images, idx in iterate_shard(ctx):
+        for images, idx in iterate_shard(ctx, batch_size):
             feats.append(model_or_fn(_prepare(images, ctx)).float().cpu())
             order.append(torch.as_tensor(idx).long().cpu())
     finally:

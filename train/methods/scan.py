@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train.augment import AugmentConfig, ViewAugment, normalize, rand_per_sample, randint_per_sample
-from train.clustering import iterate_shard
+from train.augment import AugmentConfig, ViewAugment, rand_per_sample, randint_per_sample
+from train.clustering import embed_shard
 from train.distributed import (
     broadcast_tensor,
     gather_dataset,
@@ -398,24 +398,9 @@ class SCAN(Method):
     def embed_shard(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised features ``[n_r,D]`` of this rank's shard of the un-augmented training set (all of
         it on one process) and their dataset indices ``[n_r]``; encoder in eval mode."""
-        if ctx.iterate_dataset is None:
-            raise RuntimeError("SCAN needs ctx.iterate_dataset to mine neighbours")
-        cfg = ctx.augment.cfg
-        was_training = self.model.training
-        self.model.eval()
-        feats, order = [], []
-        try:
-            for images, idx in iterate_shard(ctx, self.mining_batch_size):  # this rank's shard under DDP
-                if tuple(images.shape[-2:]) != (cfg.size, cfg.size):
-                    images = F.interpolate(images, size=(cfg.size, cfg.size), mode="bilinear", antialias=True,
-                                           align_corners=False)
-                feats.append(self.model.embed(normalize(images, cfg.mean, cfg.std)).float().cpu())
-                order.append(torch.as_tensor(idx).long().cpu())
-        finally:
-            self.model.train(was_training)
-        if not feats:
-            raise RuntimeError("the training set is empty")
-        return torch.cat(feats), torch.cat(order)
+        # model.embed already L2-normalises: no second normalisation
+        return embed_shard(self.model.embed, ctx, normalize=False, module=self.model,
+                           batch_size=self.mining_batch_size)
 
     def on_train_start(self, ctx: StepContext) -> None:
         """Mine the neighbours with the pretext features, once (a resumed run restores them instead).
@@ -429,10 +414,10 @@ class SCAN(Method):
         feats, ids = self.embed_shard(ctx)
         n = ctx.dataset_size
         if is_distributed():
-            mine = mine_neighbors_sharded(feats, n, self.num_neighbors)
-        else:
-            mine = mine_neighbors(gather_dataset(feats, ids, n), self.num_neighbors)[ids]
-        self.neighbors = gather_dataset(mine, ids, n).to(self.head_loss_sum.device)
+            neighbors = gather_dataset(mine_neighbors_sharded(feats, n, self.num_neighbors), ids, n)
+        else:  # one process: every row here, placed in dataset order
+            neighbors = mine_neighbors(gather_dataset(feats, ids, n), self.num_neighbors)
+        self.neighbors = neighbors.to(self.head_loss_sum.device)
 
     def _load_from_state_dict(
         self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any, **kwargs: Any
