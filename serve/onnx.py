@@ -362,9 +362,9 @@ def model_fingerprint(model: ZooModel, opset: int = DEFAULT_OPSET) -> str:
 
 def load_model(spec: str) -> ZooModel:
     """A model argument: registered name (pretrained when it has weights), model folder or hf-hub:."""
-    from zoo.cli import load_model_arg
+    from zoo import resolve_model
 
-    return load_model_arg(spec).eval()
+    return resolve_model(spec).eval()
 
 
 def onnx_for_model(

@@ -44,17 +44,16 @@ PREPROCESS_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
 def _resolve_model(spec: Any) -> tuple[Any, str]:
     """(ZooModel, source): a ZooModel as is, or a MODEL argument (registered name, folder, ``hf-hub:``)."""
     import zoo
-    from zoo.cli import load_model_arg
 
     if isinstance(spec, zoo.ZooModel):
         return spec, str(spec.pretrained_cfg.get("name") or spec.arch)
     spec = str(spec)
     if Path(spec).expanduser().is_dir():
-        return load_model_arg(str(Path(spec).expanduser())), str(Path(spec).expanduser().resolve())
+        return zoo.resolve_model(spec), str(Path(spec).expanduser().resolve())
     if not spec.startswith("hf-hub:") and not zoo.get_entry(spec).weights:
         raise ValueError(f"model {spec!r} has no pretrained weights: features of a randomly initialised model "
                          "could not be matched by any later query")
-    return load_model_arg(spec), spec
+    return zoo.resolve_model(spec), spec
 
 
 def _folder_shard(root: Path, transform: Any) -> tuple[Any, list[str], list[str], bool, int]:

@@ -8,7 +8,15 @@
 from zoo.checkpoint import CheckpointError, load_model_folder, save_model_folder
 from zoo.hub import publish
 from zoo.model import ZooModel
-from zoo.registry import ModelEntry, create_model, get_entry, list_models, model_info, register_model
+from zoo.registry import (
+    ModelEntry,
+    create_model,
+    get_entry,
+    list_models,
+    model_info,
+    register_model,
+    resolve_model,
+)
 
 __version__ = "0.1.0"
 
@@ -38,5 +46,6 @@ __all__ = [
     "model_info",
     "publish",
     "register_model",
+    "resolve_model",
     "save_model_folder",
 ]

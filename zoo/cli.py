@@ -37,13 +37,10 @@ FALLBACK_PLUGINS = ("train.cli", "serve.cli")
 
 
 def load_model_arg(spec: str, pretrained: bool = True):
-    """A MODEL argument: a registered name, a local model folder, or ``hf-hub:ORG/NAME``."""
-    import zoo
+    """A MODEL argument (registered name, model folder, ``hf-hub:ORG/NAME``): :func:`zoo.resolve_model`."""
+    from zoo.registry import resolve_model
 
-    if Path(spec).is_dir() or spec.startswith("hf-hub:"):
-        return zoo.create_model(spec)
-    entry = zoo.get_entry(spec)
-    return zoo.create_model(spec, pretrained=pretrained and bool(entry.weights))
+    return resolve_model(spec, pretrained=pretrained)
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:

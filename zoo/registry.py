@@ -243,6 +243,26 @@ def create_model(name: str, pretrained: bool = False, **overrides: Any) -> ZooMo
     )
 
 
+def resolve_model(spec: str | os.PathLike, pretrained: bool = True) -> ZooModel:
+    """A MODEL argument as the commands take it: a registered name, a local model folder or ``hf-hub:ORG/NAME``.
+
+    A registered name loads its pretrained weights when it has some (``pretrained=False``: always a
+    fresh initialisation); a folder or a Hub repo is always its saved weights. The one resolver the
+    ``zoo``, ``train`` and ``serve`` commands share.
+    """
+    text = os.fspath(spec)
+    if text.startswith("hf-hub:"):
+        return create_model(text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / CONFIG_NAME).is_file():
+            raise ValueError(f"model folder {str(path)!r} has no {CONFIG_NAME}; give a folder written by "
+                             "`zoo train`, `zoo convert` or `zoo publish`, or a registered model name")
+        return create_model(str(path))
+    entry = get_entry(text)
+    return create_model(text, pretrained=pretrained and bool(entry.weights))
+
+
 def _with_overrides(model: ZooModel, overrides: dict[str, Any]) -> ZooModel:
     if overrides:
         raise ValueError(
