@@ -21,7 +21,8 @@ CHROMIUM_ARGS = [
 ]
 
 pytestmark = pytest.mark.skipif(
-    not os.access(CHROMIUM, os.X_OK), reason=f"no Chromium at {CHROMIUM} (Debian package `chromium`)"
+    not os.access(CHROMIUM, os.X_OK),
+    reason=f"no Chromium at {CHROMIUM} (Debian package `chromium`; scripts/setup.sh --tests installs it)",
 )
 pytest.importorskip("playwright.sync_api")
 pytest.importorskip("gradio")

@@ -333,7 +333,7 @@ def _triton_or_skip() -> Path:
     try:
         return triton_python()
     except TritonUnavailableError as exc:
-        pytest.skip(f"PyTriton venv missing: {exc}")
+        pytest.skip(f"PyTriton venv missing (scripts/setup.sh --tests builds it): {exc}")
 
 
 @pytest.fixture(scope="module")
