@@ -58,12 +58,17 @@ def _add_serve(sub) -> None:
         formatter_class=RAW,
         epilog="examples:\n  zoo serve                      # shipped SCAN model, mnist5k index, demo at /demo\n"
                "  zoo serve --model simclr_convnet_mnist5k --index runs/idx --port 8080\n"
+               "  zoo serve --model runs/swav_r50 --images ./my_photos   # any model folder, your images\n"
                "  zoo serve --backend triton     # same model inside a real Triton server (PyTriton)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model to serve (default {DEFAULT_MODEL})")
     p.add_argument("--index", help="index folder from `zoo index build` for /search (default: built "
-                                   "in memory from --data)")
-    p.add_argument("--data", default=None, help="bundled dataset behind the default index and the demo "
-                                                "(default: the model's training dataset)")
+                                   "in memory from --images / --data)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--images", help="folder of your images (recursive): embedded at start into the in-memory "
+                                      "index and the demo; unreadable files are reported and skipped")
+    src.add_argument("--data", default=None, help="dataset behind the in-memory index and the demo, test split "
+                                                  "(default: the model's training dataset when this machine has "
+                                                  "it; otherwise /search and /demo stay off until one is given)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backend", choices=["embedded", "triton"], default="embedded")
@@ -74,7 +79,8 @@ def _add_serve(sub) -> None:
                    help="bearer token required on everything but health (default: $ZOO_API_KEY)")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="request body limit")
     p.add_argument("--timeout-s", type=float, default=30.0, help="per-request timeout")
-    p.add_argument("--no-demo", action="store_true", help="do not mount the Gradio demo at /demo")
+    p.add_argument("--no-demo", action="store_true", help="do not mount the Gradio demo at /demo (it is mounted "
+                                                          "only when there are images to show)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
 
     p.set_defaults(func=_runs("server", "cli_serve"))

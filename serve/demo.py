@@ -587,7 +587,7 @@ def build_session(
             raise ValueError(f"image folder {str(root)!r} does not exist")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unreadable files: reported through session.skipped
-            ds = load_dataset("imagefolder", transform=tf, root=root, full_check=True)
+            ds = load_dataset("imagefolder", transform=tf, root=root, full_check=True, progress=progress)
         skipped = [(s, check_image(s, full=True) or "unreadable") for s in ds.skipped]
         items = [Path(p).relative_to(ds.root).as_posix() for p in ds.paths]
         source = f"folder {ds.root} ({len(ds)} images" + (f", {len(skipped)} unreadable skipped)" if skipped else ")")

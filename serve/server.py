@@ -847,8 +847,9 @@ def create_app(
         k: int = Query(10, ge=1, le=1000, description="number of neighbours"),
     ) -> dict[str, Any]:
         if index is None:
-            raise ApiError(409, "no index is loaded: start the server with --index FOLDER (from `zoo index "
-                                "build`) or with the demo on, which indexes the model's dataset")
+            raise ApiError(409, "no index is loaded, so there is nothing to search: start the server with "
+                                "--index DIR (an index from `zoo index build`), --images DIR (a folder of your "
+                                "images, embedded at start) or --data NAME (a dataset: mnist5k, digits, shapes, ...)")
         mdl = get_model(index.model_name)
 
         async def work() -> dict[str, Any]:
@@ -954,7 +955,9 @@ def cli_serve(args: argparse.Namespace) -> int:
         print(f"zoo serve: {e}", file=sys.stderr)
         return 2
     try:
-        app, urls = _build_embedded(args)
+        from serve.app import build_embedded
+
+        app, urls = build_embedded(args)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         sock.close()
         print(f"zoo serve: {e}", file=sys.stderr)
@@ -969,54 +972,7 @@ def cli_serve(args: argparse.Namespace) -> int:
     print(f"  metrics  {base}/metrics")
     if urls.get("index"):
         print(f"  index    {urls['index']}")
+    for note in urls.get("notes", ()):
+        print(f"  note     {note}")
     sys.stdout.flush()
     return run_server(app, sock, graceful_shutdown_s=float(args.timeout_s) + 5.0)
-
-
-def _build_embedded(args: argparse.Namespace) -> tuple[FastAPI, dict[str, Any]]:
-    from serve.onnx import OnnxEncoder, onnx_for_model
-
-    info: dict[str, Any] = {"backend": "embedded, onnxruntime"}
-    model = None
-    if str(args.model).endswith(".onnx"):
-        encoder = OnnxEncoder(args.model, threads=args.threads)
-    else:
-        from serve.onnx import load_model
-
-        model = load_model(args.model)  # registered name (pretrained when it has weights), folder, hf-hub:
-        encoder = OnnxEncoder(onnx_for_model(model), threads=args.threads)
-    info["model"] = encoder.name
-    data = args.data or encoder.pretrained_cfg.get("dataset")
-    index = None
-    demo_mount = None
-    if args.index:
-        from serve.index import FeatureIndex
-
-        index = FeatureIndex.load(args.index)
-        if index.model_name != encoder.name:
-            raise ValueError(f"index {args.index} was built by model {index.model_name!r}, but the server runs "
-                             f"{encoder.name!r}; build one with `zoo index build {encoder.name} ... --out DIR`")
-        info["index"] = f"{args.index} ({index.ntotal} items)"
-    if model is not None and not args.no_demo:
-        from serve import demo
-
-        session = demo.build_session(model, data=data)
-        if index is None:
-            index = session.index
-            info["index"] = f"{data} test split, in memory ({index.ntotal} items)"
-
-        def demo_mount(app: FastAPI) -> None:
-            demo.mount_demo(app, session, path="/demo")
-
-        info["demo"] = True
-    elif model is not None and index is None and data:
-        from serve.index import build_index
-
-        index = build_index(model, data=data, split="test")
-        info["index"] = f"{data} test split, in memory ({index.ntotal} items)"
-    app = create_app(encoder, index, api_key=args.api_key, max_batch_size=args.max_batch_size,
-                     max_queue_delay_ms=args.max_queue_delay_ms, max_body_bytes=int(args.max_body_mb * 2**20),
-                     timeout_s=args.timeout_s, demo_mount=demo_mount)
-    for served in app.state.zoo["models"].values():
-        served.preprocessor  # noqa: B018 - build (and check) the preprocessing before the first request
-    return app, info

@@ -61,7 +61,8 @@ def load_dataset(
     by those that ship with installed packages or are generated. Extra keyword arguments:
 
     - ``shapes``: ``seed=0``, ``n_train=3000``, ``n_test=1000``.
-    - ``imagefolder``: ``root`` (required; ``split`` is ignored), ``full_check=False``.
+    - ``imagefolder``: ``root`` (required; ``split`` is ignored), ``full_check=False``, ``progress=False``
+      (a progress bar over the file checks).
     - ``cifar10``, ``cifar100``, ``stl10``: ``root`` (default ``$ZOO_DATA`` or
       ``~/.cache/selfsup-zoo/data``), ``download=False``.
     - long-tailed ``<base>_lt<imbalance>`` (``mnist5k_lt100``, ``shapes_lt10``, ``cifar10_lt50``, ...;
@@ -109,7 +110,7 @@ def load_dataset(
     if name == "imagefolder":
         from zoo.data.folder import ImageFolderDataset
 
-        no_extra(("full_check",))
+        no_extra(("full_check", "progress"))
         if root is None:
             raise ValueError("load_dataset('imagefolder') needs root=DIR, the folder holding the images")
         return ImageFolderDataset(root, split, transform, **kwargs)

@@ -50,7 +50,8 @@ class ImageFolderDataset(ZooDataset):
     """Images from a folder; ``.paths`` are the readable files, ``.skipped`` the unreadable ones."""
 
     def __init__(
-        self, root: str | os.PathLike, split: str, transform: Transform | None, full_check: bool = False
+        self, root: str | os.PathLike, split: str, transform: Transform | None, full_check: bool = False,
+        progress: bool = False,
     ):
         root_path = Path(root).expanduser()
         if not root_path.is_dir():
@@ -65,7 +66,12 @@ class ImageFolderDataset(ZooDataset):
         targets: list[int] = []
         skipped: list[str] = []
         reasons: dict[str, str] = {}
-        for p, parts in zip(candidates, rel_parts):
+        from tqdm.auto import tqdm
+
+        # A full check decodes every file, as long as embedding them: show it when asked.
+        checking = tqdm(zip(candidates, rel_parts), total=len(candidates), desc="checking images",
+                        disable=not progress, leave=False)
+        for p, parts in checking:
             reason = check_image(p, full=full_check)
             if reason is not None:
                 skipped.append(str(p))
