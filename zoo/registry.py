@@ -422,8 +422,9 @@ def _gdrive(file_id: str) -> str:
 _SCAN_PUBLISHED = "published by the SCAN authors for this checkpoint (best model of the paper's runs); test split"
 _CIFAR10_PRE = dict(dataset="cifar10", input_size=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465),
                     std=(0.2023, 0.1994, 0.2010), crop_pct=1.0)
-_CIFAR20_PRE = dict(dataset="cifar100-20", input_size=(3, 32, 32), mean=(0.5071, 0.4865, 0.4409),
-                    std=(0.2673, 0.2564, 0.2762), crop_pct=1.0)
+# configs/scan/scan_cifar20.yml (transformation_kwargs.normalize)
+_CIFAR20_PRE = dict(dataset="cifar100-20", input_size=(3, 32, 32), mean=(0.5071, 0.4867, 0.4408),
+                    std=(0.2675, 0.2565, 0.2761), crop_pct=1.0)
 def _scan_entries() -> list[dict[str, Any]]:
     entries = []
     for data, pre, k, runs in [
@@ -438,7 +439,8 @@ def _scan_entries() -> list[dict[str, Any]]:
             entries.append(dict(
                 name=name,
                 arch="resnet18",
-                arch_kwargs={"cifar_stem": True},
+                # SCAN's CIFAR ResNet-18 (resnet_cifar.py): no max-pool after the 3x3 stem, unlike its STL-10 one
+                arch_kwargs={"cifar_stem": True, "stem_pool": False},
                 method="scan",
                 url=_gdrive(file_id),
                 checkpoint_name=f"{name}.pth.tar",

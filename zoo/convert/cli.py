@@ -8,7 +8,8 @@ import json
 EPILOG = """example:
   zoo convert moco_v2_800ep_pretrain.pth.tar --out models/moco_v2_resnet50
   zoo convert deepclusterv2_800ep_pretrain.pth.tar --format deepcluster_v2 --out models/dcv2_resnet50
-  zoo convert scan_model.pth.tar --format scan --out models/scan_cifar10 --name scan_resnet18_cifar10
+  zoo convert scan_model.pth.tar --format scan --dataset cifar-10 --out models/scan_cifar10 --name scan_resnet18_cifar10
+  zoo convert scan_stl-10.pth.tar --dataset stl-10 --out models/scan_stl10
   zoo convert solo_simclr.ckpt --arch resnet18 --arch-kwargs '{"cifar_stem": true}' --out models/simclr_r18"""
 
 
@@ -31,6 +32,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         arch_kwargs=arch_kwargs,
         name=args.name,
         keep_head=args.keep_head,
+        dataset=args.dataset,
     )
     cfg = model.config()
     clusters = f", {cfg['num_clusters']} clusters x {cfg['num_cluster_heads']} head(s)" if model.has_cluster_head else ""
@@ -43,6 +45,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print("left behind: " + ", ".join(f"{k} ({n})" for k, n in dropped.items()))
     for message in cfg.get("conversion_warnings", []):
         print(f"warning: {message}")
+    from zoo.convert.check import summarize
+
+    for line in summarize(cfg["conversion_check"]):
+        print(line)
     return 0
 
 
@@ -60,6 +66,11 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--arch", help="architecture (default: inferred from the weights), e.g. resnet50, vit_s16")
     p.add_argument("--arch-kwargs", help="architecture arguments as JSON, e.g. '{\"cifar_stem\": true}'")
+    p.add_argument(
+        "--dataset",
+        help="what the file was trained on, where the weights fit several architectures "
+        "(SCAN: cifar-10, cifar-20, stl-10)",
+    )
     p.add_argument("--name", help="model name in the config (default: the file's name)")
     p.add_argument("--keep-head", action="store_true", help="keep projection/prototype heads in heads.safetensors")
     p.set_defaults(func=cmd_convert)

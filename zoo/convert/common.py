@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import pickle
 import re
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,38 +30,98 @@ CIFAR10_PRE = {
     "std": [0.2470, 0.2435, 0.2616],
     "crop_pct": 1.0,
 }
+SCAN_CIFAR10_PRE = {**CIFAR10_PRE, "mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010]}
+SCAN_CIFAR20_PRE = {**CIFAR10_PRE, "mean": [0.5071, 0.4867, 0.4408], "std": [0.2675, 0.2565, 0.2761]}
+SCAN_STL10_PRE = {**IMAGENET_PRE, "input_size": [3, 96, 96], "crop_pct": 1.0}  # configs/scan/scan_stl10.yml
+
+
+class RefusedObject(Exception):
+    """A pickled object outside what the narrow stand-ins below rebuild."""
+
+
+_SCALAR_CODES = {  # numpy type codes a stand-in rebuilds -> (struct format, Python type)
+    "b1": ("?", bool), "i1": ("b", int), "i2": ("h", int), "i4": ("i", int), "i8": ("q", int),
+    "u1": ("B", int), "u2": ("H", int), "u4": ("I", int), "u8": ("Q", int),
+    "f2": ("e", float), "f4": ("f", float), "f8": ("d", float),
+}
+
+
+class _NumpyDtype:
+    """Stands in for ``numpy.dtype`` while unpickling: a plain numeric type code, nothing of numpy.
+
+    Real dtypes are not allowed: a crafted dtype state (fields, flags) makes numpy read raw bytes as
+    object pointers. Only the state of a plain number type is accepted.
+    """
+
+    def __init__(self, code: Any = None, align: Any = False, copy: Any = True):
+        if not isinstance(code, str) or code not in _SCALAR_CODES:
+            raise RefusedObject(f"numpy dtype {code!r} (only plain integer / float / bool numbers are read)")
+        self.code, self.byteorder = code, "="
+
+    def __setstate__(self, state: Any) -> None:
+        # (version, byteorder, subarray, names, fields, elsize, alignment, flags) of a plain number
+        if not (isinstance(state, tuple) and len(state) == 8 and state[1] in ("<", ">", "|", "=")
+                and state[2:5] == (None, None, None) and state[5:7] == (-1, -1) and state[7] == 0):
+            raise RefusedObject(f"numpy dtype state {state!r} (not a plain number type)")
+        self.byteorder = state[1]
+
+
+def _numpy_scalar(dtype: Any, data: Any = None) -> int | float | bool:
+    """Stands in for numpy's ``scalar(dtype, bytes)``: the Python number those bytes hold."""
+    if not isinstance(dtype, _NumpyDtype) or not isinstance(data, bytes):
+        raise RefusedObject("numpy scalar of something other than a plain number type and its bytes")
+    fmt, kind = _SCALAR_CODES[dtype.code]
+    order = ">" if dtype.byteorder == ">" else "<"
+    if len(data) != struct.calcsize(fmt):
+        raise RefusedObject(f"numpy {dtype.code} scalar of {len(data)} bytes")
+    return kind(struct.unpack(order + fmt, data)[0])
+
+
+def _named(fn: Any, module: str, name: str) -> Any:
+    """A copy of the stand-in under the global name the pickle uses (torch keys its allowlist by it)."""
+    def stand_in(*args: Any) -> Any:
+        return fn(*args)
+
+    stand_in.__module__, stand_in.__qualname__, stand_in.__name__ = module, name, name
+    return stand_in
 
 
 def _safe_globals() -> list:
-    """Classes besides containers and tensors that official checkpoints hold, all inert to build.
+    """The globals official checkpoints use besides containers and tensors, each a narrow stand-in.
 
-    DINO saves its arguments as an ``argparse.Namespace`` (``args``); SCAN saves the best head as a
-    numpy integer (``np.argmin``), pickled as ``numpy.core.multiarray.scalar`` + ``numpy.dtype``
-    (``numpy._core`` since numpy 2). A numpy scalar is rebuilt from a dtype and raw bytes: no code runs.
+    DINO saves its arguments as an ``argparse.Namespace`` (an attribute bag, inert); SCAN saves the
+    best head as a numpy integer (``np.argmin``), pickled as ``numpy.core.multiarray.scalar`` (numpy
+    1) or ``numpy._core.multiarray.scalar`` (numpy 2) of a ``numpy.dtype``. Those are rebuilt as
+    plain Python numbers by :func:`_numpy_scalar` / :class:`_NumpyDtype`; numpy itself is never asked.
     """
-    allowed: list = [argparse.Namespace]
-    try:
-        import numpy as np
-    except ImportError:
-        return allowed
-    try:
-        from numpy._core.multiarray import scalar
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import scalar
-    allowed += [np.dtype, scalar]
-    # numpy >= 1.25 dtype instances are of per-type classes (numpy.dtypes.Int64DType ...)
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        allowed += [c for n in dir(dtypes) if isinstance(c := getattr(dtypes, n), type) and issubclass(c, np.dtype)]
-    torch_version = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
-    for name in ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"):
-        # (object, "module.name") entries: torch >= 2.6
-        if torch_version >= (2, 6) and name != f"{scalar.__module__}.{scalar.__name__}":
-            allowed.append((scalar, name))  # files pickled under the other numpy's module name
-    return allowed
+    _NumpyDtype.__module__, _NumpyDtype.__qualname__ = "numpy", "dtype"  # the name torch looks it up by
+    return [
+        argparse.Namespace,
+        _NumpyDtype,
+        _named(_numpy_scalar, "numpy.core.multiarray", "scalar"),
+        _named(_numpy_scalar, "numpy._core.multiarray", "scalar"),
+    ]
 
 
 SAFE_GLOBALS = _safe_globals()
+# where torch names the global it refused, across its versions' wordings
+_REFUSED_PATTERNS = (
+    r"GLOBAL ([\w.]+) was not an allowed global",
+    r"Unsupported global: (?:GLOBAL )?([\w.]+)",
+    r"Unsupported class ([\w.]+)",
+    r"unsupported GLOBAL ([\w.]+)",
+    r"unrecognized function <[\w ]*?(?:function|method) ([\w.]+)",
+    r"but got <class '([\w.]+)'>",
+)
+
+
+def refused_global(message: str) -> str | None:
+    """The dotted name of the global a weights-only load refused, from torch's message (any wording)."""
+    for pattern in _REFUSED_PATTERNS:
+        m = re.search(pattern, message)
+        if m:
+            return m.group(1).rstrip(".")
+    return None
 
 
 @dataclass
@@ -86,6 +147,19 @@ class Extracted:
     cluster_heads: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     best_head: int = 0
     warnings: list[str] = field(default_factory=list)
+    arch_from: list[str] = field(default_factory=list)  # what in the file showed the architecture
+    # set when the weights fit several architectures: the choice to make (build_model refuses to guess)
+    stem_choice: str | None = None
+    derived: dict[str, str] = field(default_factory=dict)  # target entries built from a non-tensor entry
+
+
+@dataclass
+class Hints:
+    """What the user said beyond the file: ``dataset`` (``--dataset``), ``arch`` / ``arch_kwargs``."""
+
+    dataset: str | None = None
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -109,15 +183,16 @@ def load_checkpoint(path: str | Path) -> Any:
     try:
         with guard:
             return torch.load(path, map_location="cpu", weights_only=True)
+    except RefusedObject as exc:
+        raise CheckpointError(f"{path}: refused to load: the file holds a {exc}") from None
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:Check the documentation|$)", text, re.S)
-        detail = " ".join((m.group(1) if m else text).split()).split(" Please use ")[0][:300]
+        name = refused_global(str(exc))
+        what = f"the Python global `{name}`" if name else "Python objects other than tensors and plain containers"
         raise CheckpointError(
-            f"{path}: refused to load: the file holds Python objects other than tensors and plain containers, "
-            f"and only weights-only loading is done here ({detail}). If you trust the file, re-save "
-            "just its state dict (torch.save(ckpt['state_dict'], 'weights.pth')) and convert that."
-        ) from exc
+            f"{path}: refused to load: the file names {what}, and only weights-only loading is done here "
+            "(no code from the file runs). If you trust the file, re-save just its state dict "
+            "(torch.save(ckpt['state_dict'], 'weights.pth')) and convert that."
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from exc
 
@@ -172,32 +247,64 @@ def merge_counts(*parts: Mapping[str, int]) -> dict[str, int]:
     return out
 
 
-def infer_resnet(state: Mapping[str, torch.Tensor]) -> tuple[str | None, dict[str, Any]]:
-    """torchvision-named ResNet weights -> ``("resnet18" | "resnet50", {"cifar_stem": bool})``.
+_RESNETS = {("basic", (2, 2, 2, 2)): "resnet18", ("bottleneck", (3, 4, 6, 3)): "resnet50"}
+_OTHER_RESNETS = {("basic", (3, 4, 6, 3)): "ResNet-34", ("bottleneck", (3, 4, 23, 3)): "ResNet-101",
+                  ("bottleneck", (3, 8, 36, 3)): "ResNet-152"}
+SMALL_STEM_CHOICE = (
+    "conv1.weight is 3x3, so the network has a small (CIFAR-style) stem, but the weights do not say whether a "
+    "max-pool follows that conv or how it is padded; choose: --arch-kwargs '{\"cifar_stem\": true}' (3x3/1 conv, "
+    "padding 1, no max-pool: SimCLR, SCAN CIFAR), add \"stem_padding\": 2 (solo-learn CIFAR) or "
+    "\"stem_pool\": true (MaxPool2d(2, 2, padding=1) after it: SCAN STL-10)"
+)
 
-    Bottleneck blocks (``layer4.*.bn3``, 2048 channels) mean ResNet-50, basic blocks (512) ResNet-18;
-    a 3x3 ``conv1`` means the CIFAR stem. ``(None, {})`` when the keys are not a torchvision ResNet's.
+
+def infer_resnet(state: Mapping[str, torch.Tensor]) -> tuple[str | None, dict[str, Any], list[str]]:
+    """torchvision-named ResNet weights -> ``("resnet18" | "resnet50", {"cifar_stem": bool}, reasons)``.
+
+    Blocks per stage and their kind (``bn3``: bottleneck) give the depth: 2-2-2-2 basic blocks are
+    ResNet-18, 3-4-6-3 bottlenecks ResNet-50; a 3x3 ``conv1`` means a small stem (what follows that
+    conv is not in the weights: see :data:`SMALL_STEM_CHOICE`). ``reasons`` says which keys showed
+    what. ``(None, {}, reasons)`` when the keys are not a torchvision ResNet-18/50's.
     """
     conv1 = state.get("conv1.weight")
     if not isinstance(conv1, torch.Tensor) or conv1.dim() != 4:
-        return None, {}
-    kwargs = {"cifar_stem": tuple(conv1.shape[-2:]) == (3, 3)}
-    bn3 = [v for k, v in state.items() if k.startswith("layer4.") and k.endswith(".bn3.weight")]
-    bn2 = [v for k, v in state.items() if k.startswith("layer4.") and k.endswith(".bn2.weight")]
-    if bn3:
-        return ("resnet50" if bn3[0].shape[0] == 2048 else None), kwargs
-    if bn2:
-        return ("resnet18" if bn2[0].shape[0] == 512 else None), kwargs
-    return None, kwargs
+        return None, {}, ["no 4-d conv1.weight: not a torchvision-named ResNet"]
+    k = tuple(conv1.shape[-2:])
+    kwargs = {"cifar_stem": k == (3, 3)}
+    reasons = [f"conv1.weight is {k[0]}x{k[1]}" + (": a small stem" if k == (3, 3) else ": the ImageNet stem (7x7/2 conv, max-pool)")]
+    blocks: dict[int, set[int]] = {}
+    bottleneck = False
+    for key in state:
+        m = re.match(r"^layer([1-4])\.(\d+)\.(bn3|conv3)?", key)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+            bottleneck |= m.group(3) is not None
+    counts = tuple(len(blocks.get(i, ())) for i in range(1, 5))
+    kind = "bottleneck" if bottleneck else "basic"
+    arch = _RESNETS.get((kind, counts))
+    reasons.append(f"layer1-4 hold {'-'.join(map(str, counts))} {kind} blocks" + (f": {arch}" if arch else ""))
+    if arch is None:
+        other = _OTHER_RESNETS.get((kind, counts))
+        reasons.append(f"{other or 'that ResNet'} is not a zoo architecture (resnet18, resnet50)")
+    return arch, kwargs, reasons
+
+
+_TORCHVISION_RESNET_KEY = re.compile(r"^(conv1|bn1|layer[1-4]|fc)\.")
+
+
+def is_plain_torchvision_resnet(state: Mapping[str, Any]) -> bool:
+    """A bare torchvision ResNet state dict (optionally ``module.``-prefixed), nothing else in it."""
+    if not is_state_dict(state):
+        return False
+    keys = list(strip_module(tensors_of(state)))
+    return bool(keys) and "conv1.weight" in keys and all(_TORCHVISION_RESNET_KEY.match(k) for k in keys)
 
 
 def cifar_stats_for(num_clusters: int | None) -> tuple[dict[str, Any], str | None]:
-    """SCAN's preprocessing: CIFAR-10 or CIFAR-100-20 statistics (from SCAN's configs)."""
+    """SCAN's CIFAR preprocessing, from its configs (``configs/scan/scan_cifar{10,20}.yml``)."""
     if num_clusters == 20:
-        pre = {**CIFAR10_PRE, "mean": [0.5071, 0.4865, 0.4409], "std": [0.2673, 0.2564, 0.2762]}
-        return pre, "cifar-20"
-    pre = {**CIFAR10_PRE, "mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010]}
-    return pre, ("cifar-10" if num_clusters == 10 else None)
+        return dict(SCAN_CIFAR20_PRE), "cifar-20"
+    return dict(SCAN_CIFAR10_PRE), ("cifar-10" if num_clusters == 10 else None)
 
 
 def unwrap_state_dict(ckpt: Any) -> tuple[Mapping, list[str]]:

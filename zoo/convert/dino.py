@@ -10,9 +10,13 @@ Official layouts:
   head ``head.mlp.*`` and ``head.last_layer.weight_g`` / ``weight_v``. The teacher is the one DINO
   evaluates, so it is preferred.
 
-Both ViTs use pre-norm blocks, exact GELU, LayerNorm eps 1e-6, and a position embedding that
-includes the class token, so the mapping is a renaming; ``qkv`` is already torch's packed
-``in_proj`` (q, k, v stacked along the output dimension).
+- ResNet-50 backbone (``dino_resnet50_pretrain.pth``): a bare torchvision ResNet-50 state dict
+  without ``fc``; detected as DINO when the file name says ``dino`` (the keys alone do not).
+
+Both ViTs use pre-norm blocks, exact GELU, LayerNorm eps 1e-6, a qkv bias, and a position
+embedding that includes the class token, so the mapping is a renaming; ``qkv`` is already torch's
+packed ``in_proj`` (q, k, v stacked along the output dimension). The converted ViT takes other
+input sizes by resizing its position embeddings as DINO does (:class:`zoo.backbones.ViTEncoder`).
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ import torch
 from zoo.checkpoint import CheckpointError
 from zoo.convert.common import (
     IMAGENET_PRE,
+    SMALL_STEM_CHOICE,
     Extracted,
+    Hints,
     count_by_prefix,
     infer_resnet,
+    is_plain_torchvision_resnet,
     is_state_dict,
     split_prefix,
     strip_module,
@@ -84,25 +91,39 @@ def _backbone_and_rest(state: Mapping) -> tuple[dict[str, torch.Tensor], dict[st
     return backbone, rest
 
 
-def matches(ckpt: Any) -> bool:
+def matches(ckpt: Any) -> str | None:
+    """What shows a DINO checkpoint (a truthy reason), or None."""
     if not isinstance(ckpt, Mapping):
-        return False
+        return None
     try:
         state, which, _, _ = _select(ckpt)
     except CheckpointError:
-        return False
+        return None
     if not isinstance(state, Mapping):
-        return False
+        return None
     backbone, _ = _backbone_and_rest(state)
-    if which is not None and "conv1.weight" in backbone:  # DINO ResNet full checkpoint
-        return True
-    return {"cls_token", "pos_embed", "patch_embed.proj.weight"} <= set(backbone) and any(
+    if which is not None and "conv1.weight" in backbone:
+        return f"a '{which}' network with a torchvision ResNet backbone (DINO's full ResNet checkpoint)"
+    if {"cls_token", "pos_embed", "patch_embed.proj.weight"} <= set(backbone) and any(
         k.startswith("blocks.") for k in backbone
-    )
+    ):
+        where = f"'{which}' network" if which else "state dict"
+        return f"a {where} with DINO's ViT keys (cls_token, pos_embed, patch_embed.proj.weight, blocks.*)"
+    return None
 
 
-def timm_vit_to_torchvision(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Rename timm/DINO ViT keys to ``ViTEncoder``'s; unknown keys keep their names (so a strict load reports them)."""
+def matches_plain_resnet(ckpt: Any, source: str | None) -> str | None:
+    """DINO's ResNet-50 release (``dino_resnet50_pretrain.pth``): a bare torchvision state dict.
+
+    Its keys alone are any torchvision ResNet's, so the file name must say ``dino`` too.
+    """
+    if isinstance(ckpt, Mapping) and is_plain_torchvision_resnet(ckpt) and "dino" in (source or "").lower():
+        return f"a bare torchvision ResNet state dict in a file named {source!r} (DINO's ResNet release)"
+    return None
+
+
+def timm_vit_to_torchvision(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename timm/DINO ViT keys to ``ViTEncoder``'s; unknown keys keep their names (so the check reports them)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         for pattern, repl in _RULES:
@@ -111,18 +132,10 @@ def timm_vit_to_torchvision(state: Mapping[str, torch.Tensor]) -> tuple[dict[str
                 break
         else:
             out[key] = value
-    notes = []
-    # A ViT built without qkv bias equals one with a zero in_proj bias.
-    for key in list(out):
-        if key.endswith(".self_attention.in_proj_weight"):
-            bias = key[: -len("weight")] + "bias"
-            if bias not in out:
-                out[bias] = torch.zeros(out[key].shape[0], dtype=out[key].dtype)
-                notes.append(bias)
-    return out, notes
+    return out
 
 
-def _vit_arch(backbone: Mapping[str, torch.Tensor], source: str) -> tuple[str, dict[str, Any]]:
+def _vit_arch(backbone: Mapping[str, torch.Tensor], source: str) -> tuple[str, dict[str, Any], list[str]]:
     width = int(backbone["cls_token"].shape[-1])
     arch = _VIT_WIDTHS.get(width)
     if arch is None:
@@ -134,31 +147,44 @@ def _vit_arch(backbone: Mapping[str, torch.Tensor], source: str) -> tuple[str, d
     grid = math.isqrt(tokens)
     if grid * grid != tokens:
         raise CheckpointError(f"{source}: pos_embed holds {tokens} patch positions, not a square grid")
-    return arch, {"image_size": grid * patch, "patch_size": patch}
+    depth = len({k.split(".")[1] for k in backbone if k.startswith("blocks.")})
+    reasons = [
+        f"cls_token of width {width}: {arch[:5].replace('_', '-').upper()}",
+        f"patch_embed.proj.weight of {patch}x{patch}: patch size {patch}",
+        f"pos_embed of 1+{tokens} positions: a {grid}x{grid} grid, trained at {grid * patch}x{grid * patch}",
+        f"blocks.0-{depth - 1}: {depth} blocks",
+    ]
+    return arch, {"image_size": grid * patch, "patch_size": patch}, reasons
 
 
-def extract(ckpt: Any, source: str, method: str | None = None) -> Extracted:
+def extract(ckpt: Any, source: str, method: str | None = None, hints: Hints | None = None) -> Extracted:
     state, which, dropped, ignored = _select(ckpt)
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{source}: not a DINO checkpoint (no state dict inside)")
     backbone, rest = _backbone_and_rest(state)
     heads = {k: v for k, v in rest.items() if k.startswith("head.")}
-    # a plain backbone state dict may carry a classifier ("head.weight"): a head too
-    heads.update({k: v for k, v in backbone.items() if k.startswith("head.")})
-    backbone = {k: v for k, v in backbone.items() if not k.startswith("head.")}
+    # a plain backbone state dict may carry a classifier ("head.weight", a ResNet's "fc.*"): a head too
+    classifier = ("head.", "fc.") if "conv1.weight" in backbone else ("head.",)
+    heads.update({k: v for k, v in backbone.items() if k.startswith(classifier)})
+    backbone = {k: v for k, v in backbone.items() if not k.startswith(classifier)}
     dropped = {**dropped, **count_by_prefix(k for k in rest if not k.startswith("head."))}
     network = f" ({which})" if which else ""
+    stem_choice = None
     if "cls_token" in backbone:
-        arch, arch_kwargs = _vit_arch(backbone, source)
-        mapped, zero_bias = timm_vit_to_torchvision(backbone)
+        arch, arch_kwargs, reasons = _vit_arch(backbone, source)
+        # every tensor must come from the file: DINO's ViTs all have a qkv bias, nothing is filled in
+        mapped = timm_vit_to_torchvision(backbone)
         size = arch_kwargs["image_size"]
-        warnings = [f"no qkv bias in the file: {len(zero_bias)} zero in_proj biases added"] if zero_bias else []
         kind = f"ViT-{'S' if arch == 'vit_s16' else 'B'}/{arch_kwargs['patch_size']}"
     else:
-        mapped, warnings = backbone, []
-        arch, arch_kwargs = infer_resnet(backbone)
+        mapped = backbone
+        arch, arch_kwargs, reasons = infer_resnet(backbone)
+        if arch_kwargs.get("cifar_stem"):
+            stem_choice = SMALL_STEM_CHOICE  # DINO's ResNet-50 is torchvision's; a small stem is someone else's
         size = 224
         kind = "ResNet"
+    if which:
+        reasons.insert(0, f"the '{which}' network of the full checkpoint" + (" (DINO evaluates the teacher)" if which == "teacher" else ""))
     return Extracted(
         backbone=mapped,
         method=method or "dino",
@@ -171,5 +197,6 @@ def extract(ckpt: Any, source: str, method: str | None = None) -> Extracted:
         heads=heads,
         dropped=dropped,
         ignored_entries=ignored,
-        warnings=warnings,
+        arch_from=reasons,
+        stem_choice=stem_choice,
     )

@@ -14,7 +14,9 @@ from typing import Any
 
 from zoo.checkpoint import CheckpointError
 from zoo.convert.common import (
+    SMALL_STEM_CHOICE,
     Extracted,
+    Hints,
     checkpoint_tensors,
     count_by_prefix,
     infer_resnet,
@@ -26,23 +28,27 @@ NAME = "moco"
 LICENSE = "MIT"
 
 
-def matches(ckpt: Any) -> bool:
+def matches(ckpt: Any) -> str | None:
     state, _ = unwrap_state_dict(ckpt)
-    return isinstance(state, Mapping) and any(
+    if isinstance(state, Mapping) and any(
         isinstance(k, str) and k.startswith(("module.encoder_q.", "encoder_q.")) for k in state
-    )
+    ):
+        return "keys under encoder_q.* (MoCo's query encoder)"
+    return None
 
 
-def extract(ckpt: Any, source: str, method: str | None = None) -> Extracted:
+def extract(ckpt: Any, source: str, method: str | None = None, hints: Hints | None = None) -> Extracted:
     state, ignored = checkpoint_tensors(ckpt, source, "MoCo")
     query, rest = split_prefix(state, "encoder_q.")
     if not query:
         raise CheckpointError(f"{source}: no 'encoder_q.*' keys: not a MoCo v1/v2 checkpoint")
     head, backbone = split_prefix(query, "fc.")
     version = "v2" if any(k.startswith("0.") for k in head) else "v1"
-    arch, arch_kwargs = infer_resnet(backbone)
+    arch, arch_kwargs, reasons = infer_resnet(backbone)
+    reasons.insert(0, "the query encoder encoder_q.* without its head fc.*")
     if arch is None and isinstance(ckpt, Mapping) and isinstance(ckpt.get("arch"), str):
         arch = ckpt["arch"]
+        reasons.append(f"the file's 'arch' entry says {arch!r}")
     return Extracted(
         backbone=backbone,
         method=method or "moco",
@@ -55,4 +61,6 @@ def extract(ckpt: Any, source: str, method: str | None = None) -> Extracted:
         head_prefixes=("encoder_q.fc",),
         dropped=count_by_prefix(rest, ["encoder_k", "queue", "queue_ptr"]),
         ignored_entries=ignored,
+        arch_from=reasons,
+        stem_choice=SMALL_STEM_CHOICE if arch_kwargs.get("cifar_stem") else None,
     )

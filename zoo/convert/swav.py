@@ -14,7 +14,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from zoo.checkpoint import CheckpointError
-from zoo.convert.common import Extracted, infer_resnet, strip_module, tensors_of, unwrap_state_dict
+from zoo.convert.common import (
+    SMALL_STEM_CHOICE,
+    Extracted,
+    Hints,
+    infer_resnet,
+    strip_module,
+    tensors_of,
+    unwrap_state_dict,
+)
 
 NAME = "swav"
 LICENSE = "CC BY-NC 4.0"
@@ -22,16 +30,14 @@ HEAD_PREFIXES = ("projection_head.", "prototypes.")
 METHODS = ("swav", "deepcluster_v2", "sela_v2")
 
 
-def matches(ckpt: Any) -> bool:
+def matches(ckpt: Any) -> str | None:
     state, _ = unwrap_state_dict(ckpt)
     if not isinstance(state, Mapping):
-        return False
+        return None
     keys = set(strip_module(tensors_of(state)))
-    return (
-        "conv1.weight" in keys
-        and "layer1.0.conv1.weight" in keys
-        and any(k.startswith(HEAD_PREFIXES) for k in keys)
-    )
+    if "conv1.weight" in keys and "layer1.0.conv1.weight" in keys and any(k.startswith(HEAD_PREFIXES) for k in keys):
+        return "torchvision ResNet keys with projection_head.* / prototypes.* (the SwAV code base)"
+    return None
 
 
 def method_from_name(source: str) -> str:
@@ -43,7 +49,7 @@ def method_from_name(source: str) -> str:
     return "swav"
 
 
-def extract(ckpt: Any, source: str, method: str | None = None) -> Extracted:
+def extract(ckpt: Any, source: str, method: str | None = None, hints: Hints | None = None) -> Extracted:
     state, ignored = unwrap_state_dict(ckpt)
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{source}: not a SwAV checkpoint (no state dict inside)")
@@ -51,7 +57,7 @@ def extract(ckpt: Any, source: str, method: str | None = None) -> Extracted:
     heads = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIXES)}
     backbone = {k: v for k, v in state.items() if k not in heads}
     method = method or method_from_name(source)
-    arch, arch_kwargs = infer_resnet(backbone)
+    arch, arch_kwargs, reasons = infer_resnet(backbone)
     pretty = {"swav": "SwAV", "deepcluster_v2": "DeepCluster-v2", "sela_v2": "SeLa-v2"}.get(method, method)
     return Extracted(
         backbone=backbone,
@@ -63,4 +69,6 @@ def extract(ckpt: Any, source: str, method: str | None = None) -> Extracted:
         description=f"{pretty} ResNet encoder, converted from the official checkpoint {source}",
         heads=heads,
         ignored_entries=ignored,
+        arch_from=reasons,
+        stem_choice=SMALL_STEM_CHOICE if arch_kwargs.get("cifar_stem") else None,
     )
