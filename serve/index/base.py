@@ -189,6 +189,8 @@ def is_uri(location: str | os.PathLike) -> bool:
     """Whether ``location`` names a vector-database collection (``URI#collection``, a ``.db`` file or a
     server URI) rather than an index folder."""
     s = os.fspath(location)
+    if (Path(s).expanduser() / META_FILE).is_file():
+        return False  # an index folder, whatever its name
     return "#" in s or s.startswith(URI_SCHEMES) or s.split("#")[0].endswith(".db")
 
 
