@@ -87,8 +87,11 @@ def _add_serve(sub) -> None:
 
 
 def _add_index(sub) -> None:
-    p = sub.add_parser("index", help="faiss image index: build, search, add, remove, info", formatter_class=RAW,
+    p = sub.add_parser("index", help="image index (faiss or Milvus): build, search, add, remove, info",
+                       formatter_class=RAW,
                        epilog="examples:\n  zoo index build scan_convnet_mnist5k --data mnist5k --out runs/idx\n"
+                              "  zoo index build scan_convnet_mnist5k --data mnist5k --out runs/idx --backend milvus "
+                              "--uri ./zoo.db\n"
                               "  zoo index search runs/idx query.png -k 10")
     isub = p.add_subparsers(dest="index_cmd", required=True, metavar="{build,search,add,remove,info}")
 
@@ -104,9 +107,13 @@ def _add_index(sub) -> None:
     b.add_argument("--memory-budget-mb", type=float, default=1024.0, help="for --type auto")
     b.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the search parameter is tuned for")
     b.add_argument("--batch-size", type=int, default=128)
+    b.add_argument("--backend", default="faiss", choices=["faiss", "milvus"],
+                   help="faiss: in-process, in the --out folder; milvus: a Milvus collection at --uri")
+    b.add_argument("--uri", help="for --backend milvus: ./zoo.db (Milvus Lite) or http://host:19530")
+    b.add_argument("--collection", help="for --backend milvus: collection name (default: the --out folder's name)")
 
     s = isub.add_parser("search", help="k nearest items of one or more query images")
-    s.add_argument("index", help="index folder")
+    s.add_argument("index", help="index folder (or URI#collection for a Milvus index)")
     s.add_argument("images", nargs="+", help="query image files")
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -468,3 +468,47 @@ def test_benchmark_smoke(tmp_path):
     for r in rows:
         assert r["n"] == 3000 and r["qps"] > 0 and r["bytes_per_vector"] > 0 and r["recall_at_10"] >= 0.9
     assert (tmp_path / "b.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("key,value,expect", [
+    ("dim", None, r'"dim" must be an integer >= 1, got null'),
+    ("dim", 0, r'"dim" must be an integer >= 1, got 0'),
+    ("dim", True, r'"dim" must be an integer >= 1, got true'),
+    ("next_id", "x", r'"next_id" must be an integer >= 0, got "x"'),
+    ("index_type", "annoy", r'"index_type" must be one of'),
+    ("preprocess", [1, 2], r'"preprocess" must be a JSON object or null'),
+    ("search_params", {"efSearch": "64"}, r'"search_params" must be an object of integer parameters'),
+    ("files", {"index.faiss": 3}, r'"files" must be an object of file name -> SHA-256'),
+    ("format_version", 99, r'"format_version" must be an integer between 1 and'),
+    ("model_name", "", r'"model_name" must be a non-empty string'),
+    ("backend", "annoy", r'"backend" must be one of'),
+])
+def test_meta_json_is_validated_against_the_schema(tmp_path, capsys, key, value, expect):
+    """Issue 18.7: a malformed meta.json is an IndexFileError naming the file and the key, in the API
+    and on the command line (exit 2, no traceback)."""
+    _, idx = _small(200)
+    folder = idx.save(tmp_path / "i")
+    meta = json.loads((folder / "meta.json").read_text())
+    meta[key] = value
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(IndexFileError, match=r"meta\.json: " + expect):
+        FeatureIndex.load(folder)
+    assert _zoo("index", "info", folder) == 2
+    err = capsys.readouterr().err
+    assert str(folder / "meta.json") in err and f'"{key}"' in err and "Traceback" not in err
+
+
+def test_meta_json_missing_keys_and_cli_subprocess(tmp_path):
+    _, idx = _small(200)
+    folder = idx.save(tmp_path / "i")
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["dim"]
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(IndexFileError, match=r"meta\.json: missing keys \['dim'\]"):
+        FeatureIndex.load(folder)
+    meta["dim"] = None  # the reported case, through the real command: a clear error, exit 2
+    (folder / "meta.json").write_text(json.dumps(meta))
+    r = subprocess.run([sys.executable, "-m", "zoo.cli", "index", "info", str(folder)], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f'{folder / "meta.json"}: "dim" must be an integer >= 1, got null' in r.stderr
