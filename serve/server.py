@@ -26,17 +26,17 @@ import contextlib
 import hmac
 import http.cookies
 import json
-import math
+import os
 import signal
 import socket
 import sys
 import threading
 import time
 import urllib.parse
-import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -54,30 +54,27 @@ from prometheus_client import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from serve.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessor, decode_image
+from serve.kserve import (
+    INFER_HEADER,
+    MODEL_VERSION,
+    ApiError,
+    build_infer_response,
+    decompress,
+    parse_infer_request,
+    requested_outputs,
+)
+from serve.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessor, decode_and_preprocess
 
 if TYPE_CHECKING:
     from serve.index import FeatureIndex
     from serve.onnx import OnnxEncoder
 
-MODEL_VERSION = "1"
 HEALTH_PREFIX = "/v2/health"
 # Browsers cannot send a bearer header: with an API key set, opening /demo/?api_key=KEY once sets an
 # HttpOnly cookie scoped to /demo that authorises the demo's own requests (and nothing else).
 DEMO_PREFIX = "/demo"
 DEMO_COOKIE = "zoo_api_key"
-INFER_HEADER = "Inference-Header-Content-Length"
 _NUMPY_TO_TRITON = {"float32": "FP32"}
-
-
-class ApiError(Exception):
-    """An error answered as ``{"error": message}`` with ``status`` (4xx: the client's fault)."""
-
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = dict(headers or {})
 
 
 def _error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
@@ -325,150 +322,10 @@ class ServedModel:
 # -------------------------------------------------------------------------------- KServe v2 request
 
 
-def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    """Request body with Content-Encoding gzip/deflate undone, refusing output over ``limit`` bytes."""
-    encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise ApiError(415, f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or none)")
-    d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-    try:
-        out = d.decompress(body, limit + 1)
-        if len(out) > limit or d.unconsumed_tail:
-            raise ApiError(413, f"request body decompresses to more than the limit of {limit} bytes")
-        out += d.flush()
-    except zlib.error as e:
-        raise ApiError(400, f"request body is not valid {encoding} data ({e})") from None
-    if not d.eof:
-        raise ApiError(400, f"request body: truncated {encoding} stream")
-    return out
-
-
-def parse_infer_request(body: bytes, header_length: str | None, model: ServedModel
-                        ) -> tuple[dict[str, Any], np.ndarray]:
-    """The request JSON and the input images ``[B,3,H,W]`` float32 of a v2 infer request; ApiError(400) if bad."""
-    if header_length is not None:
-        try:
-            hl = int(header_length)
-        except ValueError:
-            raise ApiError(400, f"{INFER_HEADER} header must be an integer, got {header_length!r}") from None
-        if not 0 < hl <= len(body):
-            raise ApiError(400, f"{INFER_HEADER} = {hl} but the body has {len(body)} bytes")
-    else:
-        hl = len(body)
-    try:
-        req = json.loads(body[:hl])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"inference request header is not valid JSON ({e})") from None
-    if not isinstance(req, dict):
-        raise ApiError(400, "inference request must be a JSON object with 'inputs'")
-    inputs = req.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise ApiError(400, "inference request has no 'inputs' list")
-    binary = memoryview(body)[hl:]
-    offset = 0
-    images = None
-    for i, inp in enumerate(inputs):
-        if not isinstance(inp, dict):
-            raise ApiError(400, f"inputs[{i}] must be an object with name, shape, datatype")
-        name = inp.get("name")
-        if name != model.input_name:
-            raise ApiError(400, f"unknown input {name!r} for model {model.name!r}; it takes one input "
-                                f"{model.input_name!r}")
-        if images is not None:
-            raise ApiError(400, f"input {name!r} given twice")
-        datatype = inp.get("datatype")
-        if datatype != "FP32":
-            raise ApiError(400, f"input {name!r}: datatype {datatype!r} not supported; model {model.name!r} "
-                                "takes FP32")
-        shape = inp.get("shape")
-        want = [-1, *model.input_shape]
-        if (not isinstance(shape, list) or len(shape) != 4 or not all(type(s) is int for s in shape)
-                or shape[0] < 1 or tuple(shape[1:]) != model.input_shape):
-            raise ApiError(400, f"input {name!r}: shape {shape!r} does not match the model's {want} "
-                                "(batch >= 1)")
-        count = math.prod(shape)
-        params = inp.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise ApiError(400, f"input {name!r}: parameters must be an object")
-        size = params.get("binary_data_size")
-        if size is not None:
-            if type(size) is not int or size < 0:
-                raise ApiError(400, f"input {name!r}: binary_data_size must be a non-negative integer")
-            if size != count * 4:
-                raise ApiError(400, f"input {name!r}: binary_data_size {size} != {count * 4} bytes for shape "
-                                    f"{shape} FP32")
-            if offset + size > len(binary):
-                raise ApiError(400, f"input {name!r}: binary_data_size {size} but only {len(binary) - offset} "
-                                    "bytes of binary data follow the JSON header")
-            arr = np.frombuffer(binary[offset:offset + size], dtype="<f4")
-            offset += size
-        else:
-            if "data" not in inp:
-                raise ApiError(400, f"input {name!r} has neither 'data' nor parameters.binary_data_size")
-            try:
-                arr = np.asarray(inp["data"], dtype=np.float32)
-            except (ValueError, TypeError) as e:
-                raise ApiError(400, f"input {name!r}: data is not a (flat or nested) list of numbers ({e})") from None
-            if arr.size != count:
-                raise ApiError(400, f"input {name!r}: {arr.size} values in data but shape {shape} needs {count}")
-        images = np.ascontiguousarray(arr.reshape(shape), dtype=np.float32)
-    if offset != len(binary):
-        raise ApiError(400, f"{len(binary) - offset} bytes of binary data after the JSON header are not claimed "
-                            "by any input's binary_data_size")
-    return req, images
-
-
-def _requested_outputs(req: dict[str, Any], model: ServedModel) -> list[tuple[str, bool]]:
-    params = req.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise ApiError(400, "request parameters must be an object")
-    default_binary = bool(params.get("binary_data_output", False))
-    outputs = req.get("outputs")
-    if outputs is None:
-        return [(n, default_binary) for n in model.output_names]
-    if not isinstance(outputs, list):
-        raise ApiError(400, "'outputs' must be a list of {name, parameters}")
-    wanted = []
-    for o in outputs:
-        name = o.get("name") if isinstance(o, dict) else None
-        if name not in model.output_names:
-            raise ApiError(400, f"unknown output {name!r} for model {model.name!r}; it has {model.output_names}")
-        oparams = o.get("parameters") or {}
-        if not isinstance(oparams, dict):
-            raise ApiError(400, f"output {name!r}: parameters must be an object")
-        if oparams.get("classification"):
-            raise ApiError(400, f"output {name!r}: the classification extension is not supported")
-        if "shared_memory_region" in oparams:
-            raise ApiError(400, f"output {name!r}: shared memory is not supported by this server")
-        wanted.append((name, bool(oparams.get("binary_data", default_binary))))
-    return wanted
-
-
-def build_infer_response(req: dict[str, Any], model: ServedModel, out: Mapping[str, np.ndarray]
-                         ) -> tuple[bytes, dict[str, str]]:
-    """Body and headers of a v2 infer response (JSON, or JSON + binary tensors after it)."""
-    resp: dict[str, Any] = {"model_name": model.name, "model_version": MODEL_VERSION}
-    if "id" in req:
-        resp["id"] = req["id"]
-    tensors = []
-    blobs: list[bytes] = []
-    for name, binary in _requested_outputs(req, model):
-        arr = np.ascontiguousarray(out[name], dtype="<f4")
-        t: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(arr.shape)}
-        if binary:
-            raw = arr.tobytes()
-            blobs.append(raw)
-            t["parameters"] = {"binary_data_size": len(raw)}
-        else:
-            t["data"] = arr.ravel().tolist()
-        tensors.append(t)
-    resp["outputs"] = tensors
-    header = json.dumps(resp, separators=(",", ":")).encode()
-    if not blobs:
-        return header, {"Content-Type": "application/json"}
-    return b"".join([header, *blobs]), {"Content-Type": "application/octet-stream", INFER_HEADER: str(len(header))}
+# KServe v2 request parsing and response building live in serve/kserve.py (shared with other front ends);
+# the names stay importable from here.
+_decompress = decompress
+_requested_outputs = requested_outputs
 
 
 # ------------------------------------------------------------------------------------ ASGI guard
@@ -660,12 +517,17 @@ def create_app(
     demo_mount: Callable[[FastAPI], Any] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_files: int = 256,
+    parse_workers: int | None = None,
 ) -> FastAPI:
     """The feature server app for ``encoder`` (or several), with ``index`` behind ``/search``.
 
     ``index`` must have been built by the served model (same name); ``demo_mount(app)`` mounts extra
     routes (the Gradio demo). Everything but ``/v2/health/*`` needs ``Authorization: Bearer <api_key>``
     when ``api_key`` is set. ``app.state.zoo`` holds the served models, batchers and metrics.
+
+    Request bodies are parsed and images decoded off the event loop, in a pool of ``parse_workers``
+    threads (default ``min(4, CPUs)``), one image at a time per request; that bounds the memory of
+    decoding to ``parse_workers`` images in flight (see :mod:`serve.preprocess` for the per-image bound).
     """
     encoders = list(encoder) if isinstance(encoder, (list, tuple)) else [encoder]
     if not encoders:
@@ -695,6 +557,7 @@ def create_app(
         yield
         for mdl in models.values():
             await mdl.batcher.aclose()
+        parse_pool.shutdown(wait=False)
 
     try:
         from importlib.metadata import version as _pkg_version
@@ -705,7 +568,14 @@ def create_app(
     app = FastAPI(title="selfsup-zoo feature server", version=server_version, lifespan=lifespan,
                   description="KServe v2 / Triton HTTP protocol (+ binary tensor data), image upload -> "
                               "features / nearest neighbours / cluster, Prometheus /metrics.")
-    app.state.zoo = {"models": models, "index": index, "metrics": metrics, "default": default.name}
+    workers = parse_workers if parse_workers is not None else min(4, os.cpu_count() or 1)
+    if workers < 1:
+        raise ValueError(f"parse_workers must be >= 1, got {workers}")
+    # Bounded pool for JSON parsing and image decoding: the event loop keeps answering /v2/health and
+    # /metrics while large bodies are parsed, and at most `workers` images are decoded at once.
+    parse_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zoo-parse")
+    app.state.zoo = {"models": models, "index": index, "metrics": metrics, "default": default.name,
+                     "parse_pool": parse_pool}
 
     # ---- errors: always {"error": "..."}
     @app.exception_handler(ApiError)
@@ -747,19 +617,39 @@ def create_app(
         except (TimeoutError, asyncio.TimeoutError):
             raise ApiError(504, f"request did not finish within the server timeout of {timeout_s:g} s") from None
 
-    async def images_from_uploads(mdl: ServedModel, uploads: Sequence[UploadFile]) -> tuple[np.ndarray, list[str]]:
+    async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(parse_pool, fn, *args)
+
+    def uploads_of(file: list[UploadFile] | None, files: list[UploadFile] | None) -> list[UploadFile]:
+        """The uploaded images under either form field name (``file`` or ``files``, one or several)."""
+        uploads = [*(file or []), *(files or [])]
         if not uploads:
-            raise ApiError(400, "no image file in the request (multipart form field 'file' / 'files')")
+            raise ApiError(400, "no image file in the request (multipart form field 'file' or 'files')")
         if len(uploads) > max_files:
             raise ApiError(400, f"{len(uploads)} files in one request; the limit is {max_files}")
+        return uploads
+
+    async def encode_uploads(mdl: ServedModel, uploads: Sequence[UploadFile], output: str
+                             ) -> tuple[np.ndarray, list[str]]:
+        """``output`` rows of the encoder for each upload, and the file names.
+
+        Images are decoded and preprocessed one at a time in the parse pool and sent to the batcher in
+        chunks of ``max_batch_size``: a request holds one decoded image and one chunk of model inputs.
+        """
         names = [u.filename or f"file{i}" for i, u in enumerate(uploads)]
-        blobs = [await u.read() for u in uploads]
-
-        def prepare() -> np.ndarray:
-            pil = [decode_image(b, max_pixels=max_pixels, name=n) for b, n in zip(blobs, names, strict=True)]
-            return mdl.preprocessor.batch(pil)
-
-        return await asyncio.to_thread(prepare), names
+        pre = mdl.preprocessor
+        parts = []
+        for start in range(0, len(uploads), mdl.max_batch_size):
+            chunk = range(start, min(start + mdl.max_batch_size, len(uploads)))
+            x = np.empty((len(chunk), *mdl.input_shape), dtype=np.float32)
+            for row, i in enumerate(chunk):
+                data = await uploads[i].read()
+                x[row] = await off_loop(partial(decode_and_preprocess, data, pre, max_pixels=max_pixels,
+                                                name=names[i]))
+                del data
+            parts.append((await mdl.batcher.submit(x))[output])
+            del x
+        return np.concatenate(parts), names
 
     # ---- KServe v2 / Triton
     @app.get("/v2", tags=["kserve-v2"])
@@ -809,11 +699,18 @@ def create_app(
     @app.post("/v2/models/{name}/versions/{version}/infer", tags=["kserve-v2"])
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         mdl = get_model(name, version)
-        body = _decompress(await request.body(), request.headers.get("content-encoding", ""), max_body_bytes)
-        req, images = parse_infer_request(body, request.headers.get(INFER_HEADER), mdl)
-        _requested_outputs(req, mdl)  # validate before computing
+        body = await request.body()
+        encoding = request.headers.get("content-encoding", "")
+        header_length = request.headers.get(INFER_HEADER)
+
+        def parse() -> tuple[dict[str, Any], np.ndarray]:
+            req, images = parse_infer_request(decompress(body, encoding, max_body_bytes), header_length, mdl)
+            requested_outputs(req, mdl)  # validate before computing
+            return req, images
+
+        req, images = await off_loop(parse)
         out = await timed(mdl.batcher.submit(images))
-        content, headers = build_infer_response(req, mdl, out)
+        content, headers = await off_loop(build_infer_response, req, mdl, out)
         return Response(content, headers=headers, media_type=headers["Content-Type"])
 
     # ---- for people
@@ -823,17 +720,28 @@ def create_app(
                 "index": None if index is None else {"model": index.model_name, "size": int(index.ntotal)},
                 "endpoints": ["/embed", "/search", "/classify", "/v2", "/metrics", "/docs"]}
 
-    @app.post("/embed", tags=["images"])
+    upload_doc = ("image file(s): the form field may be named 'file' or 'files' (either, or both), each "
+                  "holding one or several files")
+
+    def per_file(names: list[str], rows: list[dict[str, Any]], common: dict[str, Any]) -> dict[str, Any]:
+        """One file: its result at the top level; several: ``results``, one entry per file, in order."""
+        if len(rows) == 1:
+            return {**common, "file": names[0], **rows[0]}
+        return {**common, "results": [{"file": n, **r} for n, r in zip(names, rows, strict=True)]}
+
+    @app.post("/embed", tags=["images"], description="Features of each uploaded image. " + upload_doc + ".")
     async def embed(
-        files: list[UploadFile] = File(..., description="one or more image files"),
+        file: list[UploadFile] | None = File(None, description=upload_doc),
+        files: list[UploadFile] | None = File(None, description=upload_doc),
         normalize: bool = Query(True, description="L2-normalise (like model.embed); false: raw forward_features"),
         model: str | None = Query(None, description="served model (default: the first)"),
     ) -> dict[str, Any]:
         mdl = get_model(model or default.name)
+        uploads = uploads_of(file, files)
 
         async def work() -> dict[str, Any]:
-            x, names = await images_from_uploads(mdl, files)
-            feats = (await mdl.batcher.submit(x))["features"].astype(np.float32)
+            feats, names = await encode_uploads(mdl, uploads, "features")
+            feats = feats.astype(np.float32)
             if normalize:
                 feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
             return {"model": mdl.name, "dim": int(feats.shape[1]), "normalized": normalize,
@@ -841,9 +749,12 @@ def create_app(
 
         return await timed(work())
 
-    @app.post("/search", tags=["images"])
+    @app.post("/search", tags=["images"],
+              description="Nearest indexed items of the uploaded image; several images: one result each. "
+                          + upload_doc + ".")
     async def search(
-        file: UploadFile = File(..., description="query image"),
+        file: list[UploadFile] | None = File(None, description=upload_doc),
+        files: list[UploadFile] | None = File(None, description=upload_doc),
         k: int = Query(10, ge=1, le=1000, description="number of neighbours"),
     ) -> dict[str, Any]:
         if index is None:
@@ -851,33 +762,38 @@ def create_app(
                                 "--index DIR (an index from `zoo index build`), --images DIR (a folder of your "
                                 "images, embedded at start) or --data NAME (a dataset: mnist5k, digits, shapes, ...)")
         mdl = get_model(index.model_name)
+        uploads = uploads_of(file, files)
 
         async def work() -> dict[str, Any]:
-            x, names = await images_from_uploads(mdl, [file])
-            feats = (await mdl.batcher.submit(x))["features"].astype(np.float32)
-            res = await asyncio.to_thread(index.search, feats, k, mdl.name)
-            neighbours = res.to_list()[0]  # [{"rank", "id", "item", "score"[, "label"]}], best first
-            return {"model": mdl.name, "file": names[0], "k": k, "index_size": int(index.ntotal),
-                    "neighbours": neighbours}
+            feats, names = await encode_uploads(mdl, uploads, "features")
+            res = await asyncio.to_thread(index.search, feats.astype(np.float32), k, mdl.name)
+            rows = [{"neighbours": nb} for nb in res.to_list()]  # [{"rank", "id", "item", "score"[, "label"]}]
+            return per_file(names, rows, {"model": mdl.name, "k": k, "index_size": int(index.ntotal)})
 
         return await timed(work())
 
-    @app.post("/classify", tags=["images"])
+    @app.post("/classify", tags=["images"],
+              description="Cluster of the uploaded image (the model's cluster head); several images: one result "
+                          "each. " + upload_doc + ".")
     async def classify(
-        file: UploadFile = File(..., description="image to assign to a cluster"),
+        file: list[UploadFile] | None = File(None, description=upload_doc),
+        files: list[UploadFile] | None = File(None, description=upload_doc),
         model: str | None = Query(None, description="served model (default: the first)"),
     ) -> dict[str, Any]:
         mdl = get_model(model or default.name)
         if "cluster_probs" not in mdl.output_names:
             raise ApiError(400, f"model {mdl.name!r} has no cluster head, so /classify cannot assign clusters; "
                                 "serve a model with one (e.g. scan_convnet_mnist5k) or use /embed + /search")
+        uploads = uploads_of(file, files)
 
         async def work() -> dict[str, Any]:
-            x, names = await images_from_uploads(mdl, [file])
-            probs = (await mdl.batcher.submit(x))["cluster_probs"][0].astype(np.float64)
-            c = int(np.argmax(probs))
-            return {"model": mdl.name, "file": names[0], "cluster": c, "confidence": float(probs[c]),
-                    "num_clusters": int(probs.shape[0]), "probabilities": probs.tolist()}
+            probs, names = await encode_uploads(mdl, uploads, "cluster_probs")
+            rows = []
+            for p in probs.astype(np.float64):
+                c = int(np.argmax(p))
+                rows.append({"cluster": c, "confidence": float(p[c]), "num_clusters": int(p.shape[0]),
+                             "probabilities": p.tolist()})
+            return per_file(names, rows, {"model": mdl.name})
 
         return await timed(work())
 
