@@ -80,6 +80,12 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
 
+def bearer_token_ok(authorization: str, api_key: str) -> bool:
+    """Whether an ``Authorization`` value is ``Bearer <api_key>`` (HTTP header or gRPC metadata alike)."""
+    scheme, _, token = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
 def _error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=dict(headers or {}))
 
@@ -532,9 +538,7 @@ class _Guard:
         await send({"type": "http.response.body", "body": body})
 
     def _authorized(self, headers: dict[bytes, bytes], path: str = "") -> bool:
-        got = headers.get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = got.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        if bearer_token_ok(headers.get(b"authorization", b"").decode("latin-1"), self.api_key):
             return True
         return _under_demo(path) and hmac.compare_digest(_cookie(headers, DEMO_COOKIE).encode(), self.api_key.encode())
 
@@ -690,11 +694,23 @@ def create_app(
             raise ValueError(f"the index holds {index.dim}-d features but model {index.model_name!r} gives "
                              f"{models[index.model_name].embed_dim}-d")
 
+    # Front ends beside HTTP (serve.grpc_server) started/stopped with the app, in uvicorn's event loop:
+    # they share the batchers, which live on that loop. Stopped before the batchers close.
+    services: list[Any] = []
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
-        yield
-        for mdl in models.values():
-            await mdl.batcher.aclose()
+        started = []
+        try:
+            for svc in services:
+                await svc.start()
+                started.append(svc)
+            yield
+        finally:
+            for svc in reversed(started):
+                await svc.stop()
+            for mdl in models.values():
+                await mdl.batcher.aclose()
 
     try:
         from importlib.metadata import version as _pkg_version
@@ -705,7 +721,9 @@ def create_app(
     app = FastAPI(title="selfsup-zoo feature server", version=server_version, lifespan=lifespan,
                   description="KServe v2 / Triton HTTP protocol (+ binary tensor data), image upload -> "
                               "features / nearest neighbours / cluster, Prometheus /metrics.")
-    app.state.zoo = {"models": models, "index": index, "metrics": metrics, "default": default.name}
+    app.state.zoo = {"models": models, "index": index, "metrics": metrics, "default": default.name,
+                     "api_key": api_key or None, "max_body_bytes": int(max_body_bytes), "timeout_s": float(timeout_s),
+                     "version": server_version, "services": services}
 
     # ---- errors: always {"error": "..."}
     @app.exception_handler(ApiError)
@@ -953,12 +971,26 @@ def cli_serve(args: argparse.Namespace) -> int:
     except PortInUseError as e:
         print(f"zoo serve: {e}", file=sys.stderr)
         return 2
+    grpc_port = int(getattr(args, "grpc_port", -1))  # -1: no gRPC front end
+    if grpc_port >= 0:
+        from serve.grpc_server import GrpcPortInUseError, check_grpc_port
+
+        try:
+            check_grpc_port(args.host, grpc_port)
+        except GrpcPortInUseError as e:
+            sock.close()
+            print(f"zoo serve: {e}", file=sys.stderr)
+            return 2
     try:
         app, urls = _build_embedded(args)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         sock.close()
         print(f"zoo serve: {e}", file=sys.stderr)
         return 2
+    if grpc_port >= 0:
+        from serve.grpc_server import attach_grpc
+
+        attach_grpc(app, args.host, grpc_port, announce=True)  # prints its address once listening
     host = f"[{args.host}]" if ":" in args.host else args.host
     base = f"http://{host}:{args.port}"
     print(f"zoo serve: model {urls['model']} ({urls['backend']})")
