@@ -264,7 +264,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if remaining is not None:
             timeout = min(timeout, max(remaining, 0.0))
         try:
-            out = await asyncio.wait_for(mdl.batcher.submit(images), timeout)
+            out = await mdl.batcher.submit(images, timeout=timeout)  # a timer, not a task per request
         except (TimeoutError, asyncio.TimeoutError):
             raise ApiError(504, f"request did not finish within {timeout:g} s (server timeout "
                                 f"{self.timeout_s:g} s or the client's deadline)") from None

@@ -141,6 +141,11 @@ class DynamicBatcher:
     the oldest job, waits until ``max_queue_delay_s`` after that job arrived for more (or until the batch
     is full), concatenates, runs the encoder once in a dedicated thread and splits the outputs back.
     ``calls`` / ``batch_sizes`` record what ran (tests and benchmarks read them).
+
+    Per-request cost matters for small models (the server is then bound by it, not by compute), so the
+    hot path avoids per-request tasks and wake-ups: ``submit`` awaits its job's future directly (its
+    timeout is a timer on that future, not a ``wait_for`` task), and it wakes the worker only when the
+    worker is idle or the batch just became full; the worker sleeps out the queue delay on one timer.
     """
 
     def __init__(self, encoder: Any, *, max_batch_size: int = 32, max_queue_delay_s: float = 0.002,
@@ -158,67 +163,104 @@ class DynamicBatcher:
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"zoo-encode-{self.name}")
         self._jobs: collections.deque[_Job] = collections.deque()
-        self._wake: asyncio.Event | None = None
+        self._queued = 0  # images in _jobs (abandoned jobs included until popped: at worst an early run)
+        self._waiter: asyncio.Future | None = None  # what the worker sleeps on
+        self._idle = True  # the worker waits for a first job (vs. sleeping out the queue delay)
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        if metrics is not None:  # labelled children resolved once, not per batch
+            self._m = (metrics.batch_size.labels(self.name), metrics.batch_requests.labels(self.name),
+                       metrics.compute.labels(self.name), metrics.images.labels(self.name),
+                       metrics.queue_wait.labels(self.name))
 
-    def _ensure_worker(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _ensure_worker(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._loop is not loop or self._task is None or self._task.done():
             self._loop = loop
-            self._wake = asyncio.Event()
+            self._waiter = None
+            self._idle = True
             self._task = loop.create_task(self._worker(), name=f"zoo-batcher-{self.name}")
 
-    async def submit(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Encoder outputs for ``images`` ``[n,3,H,W]``, computed in merged batches."""
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    @staticmethod
+    def _expire(fut: asyncio.Future, timeout: float) -> None:
+        if not fut.done():  # the worker skips done jobs
+            fut.set_exception(TimeoutError(f"not computed within {timeout:g} s"))
+
+    async def submit(self, images: np.ndarray, timeout: float | None = None) -> dict[str, np.ndarray]:
+        """Encoder outputs for ``images`` ``[n,3,H,W]``, computed in merged batches.
+
+        ``timeout`` (seconds): raise ``TimeoutError`` when the outputs are not there by then (the queued
+        work is dropped).
+        """
         if self._closed:
             raise RuntimeError("the server is shutting down")
-        self._ensure_worker()
         loop = asyncio.get_running_loop()
-        jobs = [_Job(images[i:i + self.max_batch_size], loop.create_future())
-                for i in range(0, len(images), self.max_batch_size)]
+        self._ensure_worker(loop)
+        step = self.max_batch_size
+        jobs = [_Job(images[i:i + step], loop.create_future()) for i in range(0, len(images), step)]
         self._jobs.extend(jobs)
-        self._wake.set()
+        self._queued += len(images)
+        if self._idle or self._queued >= self.max_batch_size:
+            self._wake()
+        timers = [loop.call_later(timeout, self._expire, j.future, timeout) for j in jobs] if timeout else []
         try:
+            if len(jobs) == 1:
+                return await jobs[0].future
             parts = await asyncio.gather(*(j.future for j in jobs))
         except BaseException:
             for j in jobs:  # timed out / disconnected: the worker skips these
                 j.future.cancel()
             raise
-        if len(parts) == 1:
-            return parts[0]
+        finally:
+            for t in timers:
+                t.cancel()
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    async def _sleep(self, loop: asyncio.AbstractEventLoop, deadline: float | None) -> None:
+        """Until ``_wake`` (or ``deadline``, a ``perf_counter`` time, passes)."""
+        fut = self._waiter = loop.create_future()
+        timer = None
+        if deadline is not None:
+            timer = loop.call_later(max(0.0, deadline - time.perf_counter()), self._wake)
+        try:
+            await fut
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             while not self._jobs:
-                self._wake.clear()
-                await self._wake.wait()
+                self._idle = True
+                await self._sleep(loop, None)
+            self._idle = False
             first = self._jobs[0]
             if first.future.done():
-                self._jobs.popleft()
+                self._queued -= len(self._jobs.popleft().images)
                 continue
-            # Wait until the oldest job is max_queue_delay old, unless the batch fills up first.
+            # Wait until the oldest job is max_queue_delay old, unless the batch fills up first
+            # (submit wakes this sleep when it does).
             deadline = first.enqueued + self.max_queue_delay_s
-            while sum(len(j.images) for j in self._jobs if not j.future.done()) < self.max_batch_size:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), remaining)
+            while self._queued < self.max_batch_size and time.perf_counter() < deadline:
+                await self._sleep(loop, deadline)
             batch: list[_Job] = []
             n = 0
             while self._jobs:
                 job = self._jobs[0]
                 if job.future.done():
-                    self._jobs.popleft()
+                    self._queued -= len(self._jobs.popleft().images)
                     continue
                 if batch and n + len(job.images) > self.max_batch_size:
                     break
                 batch.append(self._jobs.popleft())
+                self._queued -= len(job.images)
                 n += len(job.images)
             if batch:
                 await self._run(batch, n, loop)
@@ -238,13 +280,13 @@ class DynamicBatcher:
             self.batch_sizes.append(n)
         compute = time.perf_counter() - start
         if self.metrics is not None:
-            m = self.metrics
-            m.batch_size.labels(self.name).observe(n)
-            m.batch_requests.labels(self.name).observe(len(batch))
-            m.compute.labels(self.name).observe(compute)
-            m.images.labels(self.name).inc(n)
+            size, requests, compute_s, images, queue_wait = self._m
+            size.observe(n)
+            requests.observe(len(batch))
+            compute_s.observe(compute)
+            images.inc(n)
             for j in batch:
-                m.queue_wait.labels(self.name).observe(max(0.0, start - j.enqueued))
+                queue_wait.observe(max(0.0, start - j.enqueued))
         offset = 0
         for j in batch:
             k = len(j.images)
@@ -263,6 +305,7 @@ class DynamicBatcher:
             j = self._jobs.popleft()
             if not j.future.done():
                 j.future.set_exception(RuntimeError("the server is shutting down"))
+        self._queued = 0
         self._executor.shutdown(wait=False)
 
 
@@ -830,7 +873,10 @@ def create_app(
         body = _decompress(await request.body(), request.headers.get("content-encoding", ""), max_body_bytes)
         req, images = parse_infer_request(body, request.headers.get(INFER_HEADER), mdl)
         _requested_outputs(req, mdl)  # validate before computing
-        out = await timed(mdl.batcher.submit(images))
+        try:  # the batcher's own timeout: no wait_for task per request on this hot path
+            out = await mdl.batcher.submit(images, timeout=timeout_s)
+        except (TimeoutError, asyncio.TimeoutError):
+            raise ApiError(504, f"request did not finish within the server timeout of {timeout_s:g} s") from None
         content, headers = build_infer_response(req, mdl, out)
         return Response(content, headers=headers, media_type=headers["Content-Type"])
 

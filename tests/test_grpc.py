@@ -308,3 +308,57 @@ def test_zoo_serve_speaks_grpc_then_sigterm_exits_0(tmp_path, onnx_path, torch_m
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ------------------------------------------------------------------------ the batcher's hot path
+
+
+class _Blocking:
+    """An encoder that records batch sizes and can be held (to queue work behind it)."""
+
+    name = "blocking"
+
+    def __init__(self):
+        self.sizes: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def run(self, x):
+        self.gate.wait(10)
+        self.sizes.append(len(x))
+        return {"features": x.reshape(len(x), -1).sum(axis=1, keepdims=True)}
+
+
+def test_batcher_runs_a_full_batch_at_once_a_lone_request_after_the_delay_and_times_out():
+    import asyncio
+
+    from serve.server import DynamicBatcher
+
+    async def scenario():
+        enc = _Blocking()
+        x = np.arange(8, dtype=np.float32).reshape(8, 1, 1, 1)
+        b = DynamicBatcher(enc, max_batch_size=4, max_queue_delay_s=30.0)
+        t0 = time.perf_counter()  # 4 requests fill the batch: no 30 s wait
+        outs = await asyncio.gather(*(b.submit(x[i:i + 1]) for i in range(4)))
+        assert time.perf_counter() - t0 < 5 and enc.sizes == [4]
+        assert [float(o["features"][0, 0]) for o in outs] == [0.0, 1.0, 2.0, 3.0]
+        out = await b.submit(x)  # 8 images: two full batches, outputs in order
+        np.testing.assert_array_equal(out["features"][:, 0], x.ravel())
+        assert enc.sizes == [4, 4, 4]
+        await b.aclose()
+
+        b = DynamicBatcher(enc, max_batch_size=4, max_queue_delay_s=0.2)
+        t0 = time.perf_counter()
+        await b.submit(x[:1])  # alone: runs once the delay is over
+        assert 0.18 <= time.perf_counter() - t0 < 5 and enc.sizes[-1] == 1
+        enc.gate.clear()  # hold the encoder: the next request cannot finish in time
+        with pytest.raises(TimeoutError):
+            await b.submit(x[:2], timeout=0.3)
+        enc.gate.set()
+        out = await b.submit(x[2:3], timeout=5)  # the server keeps serving
+        assert float(out["features"][0, 0]) == 2.0
+        await b.aclose()
+        with pytest.raises(RuntimeError, match="shutting down"):
+            await b.submit(x[:1])
+
+    asyncio.run(scenario())
