@@ -1,26 +1,29 @@
-"""Feature-server throughput and latency versus in-process onnxruntime, on the same ONNX model.
+"""Serving throughput and latency, side by side in one run, on the same ONNX model:
 
-    python benchmarks/serve_throughput.py --models resnet50,scan_convnet_mnist5k --concurrency 1,8,32
+    python benchmarks/serve_throughput.py --models scan_convnet_mnist5k,resnet50 --concurrency 1,8,32
 
-For each model: the encoder is exported to ONNX (``resnet50``: the registered architecture with
-random weights at 3x224x224 and ImageNet mean/std; other names: the zoo model, pretrained when it
-has weights). The baseline is in-process onnxruntime (``OnnxEncoder.run``) on batches of
-``--baseline-batch`` (32) images. The server is the real command, ``zoo serve --model MODEL.onnx
---no-demo`` (embedded backend, dynamic batching), in its own process; load comes from this process:
-``c`` threads, one ``tritonclient.http`` client each, single-image requests with binary tensors, for
-``--duration`` seconds after ``--warmup`` (longer for slow models: at least ``--rounds`` rounds of
-``c`` requests at the baseline rate). The baseline is measured again after each concurrency, so each
-server run is bracketed by two baseline runs and its ratio uses their mean (a shared machine's load
-drifts). Reported per concurrency: images/s, p50/p99 latency, ratio to the baseline, and the
-server's average merged batch size (from ``/metrics``). Both sides use the same onnxruntime thread
-setting (``--threads``, 0 = all cores); the clients share the machine's cores with the server, as
-they would on one host.
-Prints a table, writes JSON and a PNG.
+Columns: our server over HTTP and over gRPC (``zoo serve --model MODEL.onnx --no-demo --grpc-port P``,
+embedded onnxruntime, dynamic batching); the real Triton server that PyTriton starts
+(:class:`serve.triton.PyTritonServer`: the same ``.onnx`` in Triton's Python backend via onnxruntime)
+over its HTTP and its gRPC; in-process onnxruntime (``OnnxEncoder.run``) at ``--baseline-batch`` (32).
+``resnet50`` is the registered architecture with random weights at 3x224x224 (ImageNet mean/std);
+other names are zoo models, pretrained when they have weights.
+
+Both servers run at once with the same batching settings (``--max-batch-size``, ``--max-queue-delay-ms``)
+and onnxruntime threads (``--threads``, 0 = all cores). Load comes from this process: ``c`` threads, one
+``tritonclient.http`` / ``tritonclient.grpc`` client each (the same client for both servers), single-image
+requests with binary / raw tensors, for ``--duration`` seconds after ``--warmup`` (longer for slow models:
+at least ``--rounds`` rounds of ``c`` requests at the baseline rate). For each concurrency the four
+server/protocol pairs run one after the other, then the in-process baseline again, so every point is
+bracketed by two baseline runs and its ratio uses their mean (a shared machine's load drifts).
+Reported: images/s, p50/p99 latency, ratio to in-process, average merged batch size (our ``/metrics``;
+Triton's ``nv_inference_count / nv_inference_exec_count``). Prints a table, writes JSON and a PNG.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -64,6 +67,19 @@ def inprocess_throughput(enc, x: np.ndarray, seconds: float, min_runs: int = 3) 
             return n / elapsed
 
 
+def scrape(url: str, images: str, calls: str) -> tuple[float, float]:
+    """Two counters (summed over labels) from a Prometheus text endpoint."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {images: 0.0, calls: 0.0}
+    for fam in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        for s in fam.samples:
+            if s.name in out:
+                out[s.name] += s.value
+    return out[images], out[calls]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -71,18 +87,21 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``zoo serve --model X.onnx --no-demo`` in a subprocess on a free port."""
+    """``zoo serve --model X.onnx --no-demo`` in a subprocess on free HTTP and gRPC ports."""
 
     def __init__(self, onnx_path: Path, args: argparse.Namespace):
-        self.port = free_port()
+        self.port, self.grpc_port = free_port(), free_port()
         self.url = f"127.0.0.1:{self.port}"
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         cmd = [sys.executable, "-c", "import sys; from zoo.cli import main; sys.exit(main())", "serve",
-               "--model", str(onnx_path), "--no-demo", "--port", str(self.port), "--threads", str(args.threads),
+               "--model", str(onnx_path), "--no-demo", "--port", str(self.port),
+               "--grpc-port", str(self.grpc_port), "--threads", str(args.threads),
                "--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms", str(args.max_queue_delay_ms),
                "--max-body-mb", "256", "--timeout-s", "300"]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env.pop("ZOO_API_KEY", None)
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        self.log = tempfile.TemporaryFile("w+")  # not a pipe: a chatty server must never block on it
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True, env=env)
 
     def __enter__(self) -> ServerProcess:
         import httpx
@@ -95,20 +114,13 @@ class ServerProcess:
             except httpx.TransportError:
                 pass
             if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"server did not start: {self.proc.stderr.read()[-2000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"server did not start: {self.log.read()[-2000:]}")
             time.sleep(0.2)
 
-    def metrics(self) -> dict[str, float]:
-        import httpx
-        from prometheus_client.parser import text_string_to_metric_families
-
-        text = httpx.get(f"http://{self.url}/metrics", timeout=10).text
-        out: dict[str, float] = {}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                if s.name in ("zoo_batch_size_sum", "zoo_batch_size_count"):
-                    out[s.name] = out.get(s.name, 0.0) + s.value
-        return out
+    def batch_counts(self) -> tuple[float, float]:
+        """(images, encoder calls) so far, from ``/metrics``."""
+        return scrape(f"http://{self.url}/metrics", "zoo_batch_size_sum", "zoo_batch_size_count")
 
     def __exit__(self, *exc) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -117,12 +129,47 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.log.close()
 
 
-def run_load(url: str, model_name: str, shape: tuple[int, ...], concurrency: int, warmup: float,
+
+
+class TritonSide:
+    """The real Triton (PyTriton) serving the same ``.onnx``: its HTTP and gRPC endpoints."""
+
+    def __init__(self, onnx_path: Path, args: argparse.Namespace):
+        from serve.triton import PyTritonServer
+
+        self.server = PyTritonServer(onnx_path, max_batch_size=args.max_batch_size, threads=args.threads,
+                                     max_queue_delay_us=int(round(args.max_queue_delay_ms * 1000)),
+                                     startup_timeout_s=300)
+
+    def __enter__(self) -> TritonSide:
+        self.server.start()
+        self.url, self.grpc_url = self.server.http_address, self.server.grpc_address
+        return self
+
+    def batch_counts(self) -> tuple[float, float]:
+        return scrape(f"http://127.0.0.1:{self.server.metrics_port}/metrics", "nv_inference_count_total",
+                      "nv_inference_exec_count_total")  # the parser adds _total to counters
+
+    def __exit__(self, *exc) -> None:
+        self.server.stop()
+
+
+def run_load(protocol: str, url: str, model_name: str, shape: tuple[int, ...], concurrency: int, warmup: float,
              duration: float) -> dict[str, float]:
-    """``concurrency`` threads sending single-image binary requests; stats over the measured window."""
-    import tritonclient.http as tritonhttp
+    """``concurrency`` threads sending single-image requests (binary HTTP tensors / raw gRPC contents)."""
+    if protocol == "http":
+        import tritonclient.http as tc
+
+        def connect():
+            return tc.InferenceServerClient(url, connection_timeout=300, network_timeout=300)
+    else:
+        import tritonclient.grpc as tc
+
+        def connect():
+            return tc.InferenceServerClient(url)
 
     records: list[tuple[float, float]] = []
     errors: list[str] = []
@@ -132,25 +179,34 @@ def run_load(url: str, model_name: str, shape: tuple[int, ...], concurrency: int
 
     def client(i: int) -> None:
         x = np.random.default_rng(i).standard_normal((1, *shape)).astype(np.float32)
-        with tritonhttp.InferenceServerClient(url, connection_timeout=300, network_timeout=300) as c:
-            inp = tritonhttp.InferInput("images", [1, *shape], "FP32")
-            inp.set_data_from_numpy(x, binary_data=True)
-            out = [tritonhttp.InferRequestedOutput("features", binary_data=True)]
+        with connect() as c:
+            inp = tc.InferInput("images", [1, *shape], "FP32")
+            if protocol == "http":
+                inp.set_data_from_numpy(x, binary_data=True)
+                out = [tc.InferRequestedOutput("features", binary_data=True)]
+            else:
+                inp.set_data_from_numpy(x)
+                out = [tc.InferRequestedOutput("features")]
+            timeout = {"client_timeout": 300} if protocol == "grpc" else {}  # http: network_timeout above
             c.infer(model_name, [inp], outputs=out)  # connect + warm
             ready.wait()
             end = t0_box[0] + warmup + duration
+            mine = []
             while True:
                 start = time.perf_counter()
                 if start >= end:
                     break
                 try:
-                    c.infer(model_name, [inp], outputs=out).as_numpy("features")
+                    c.infer(model_name, [inp], outputs=out, **timeout).as_numpy("features")
                 except Exception as e:  # noqa: BLE001 - counted
                     with lock:
                         errors.append(repr(e))
+                        if len(errors) > 100:  # broken, not slow: stop hammering
+                            break
                     continue
-                with lock:
-                    records.append((start, time.perf_counter()))
+                mine.append((start, time.perf_counter()))
+            with lock:
+                records.extend(mine)
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(concurrency)]
     for t in threads:
@@ -174,8 +230,13 @@ def run_load(url: str, model_name: str, shape: tuple[int, ...], concurrency: int
     }
 
 
+SIDES = [("ours", "http"), ("ours", "grpc"), ("triton", "http"), ("triton", "grpc")]
+LABELS = {("ours", "http"): "our HTTP", ("ours", "grpc"): "our gRPC", ("triton", "http"): "Triton HTTP",
+          ("triton", "grpc"): "Triton gRPC"}
+
+
 def bench_model(name: str, args: argparse.Namespace, folder: Path) -> dict:
-    """Baseline, then for each concurrency: server load, baseline again (each server run is bracketed)."""
+    """Baseline; then per concurrency: the four server/protocol pairs, then the baseline again."""
     from serve.onnx import OnnxEncoder
 
     path = export(name, folder)
@@ -189,41 +250,89 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> dict:
         print(f"{name}: in-process onnxruntime, batch {args.baseline_batch}: {v:.1f} img/s", flush=True)
         return v
 
-    baselines = [baseline()]
     rows = []
-    with ServerProcess(path, args) as server:
+    with contextlib.ExitStack() as stack:
+        servers = {"ours": stack.enter_context(ServerProcess(path, args))}
+        if not args.no_triton:
+            try:
+                servers["triton"] = stack.enter_context(TritonSide(path, args))
+            except Exception as e:  # noqa: BLE001 - the PyTriton venv is optional: columns left empty
+                print(f"{name}: Triton not available, its columns stay empty: {e}", file=sys.stderr, flush=True)
+        baselines = [baseline()]  # with both servers up (idle), as during the load runs
         for c in args.concurrency:
             # Long enough for `rounds` full rounds of c requests at the baseline rate (slow models merge few
             # large batches; a short window would count 1-2 of them).
             duration = max(args.duration, args.rounds * c / baselines[-1])
             warmup = max(args.warmup, c / baselines[-1])
-            m0 = server.metrics()
-            row = run_load(server.url, enc.name, shape, c, warmup, duration)
-            m1 = server.metrics()
-            batches = m1.get("zoo_batch_size_count", 0) - m0.get("zoo_batch_size_count", 0)
-            images = m1.get("zoo_batch_size_sum", 0) - m0.get("zoo_batch_size_sum", 0)
-            row["avg_batch"] = images / batches if batches else float("nan")
-            row["duration_s"] = duration
+            point = []
+            for server, protocol in SIDES:
+                if server not in servers:
+                    continue
+                side = servers[server]
+                url = side.grpc_url if protocol == "grpc" else side.url
+                m0 = side.batch_counts()
+                row = run_load(protocol, url, enc.name, shape, c, warmup, duration)
+                m1 = side.batch_counts()
+                calls = m1[1] - m0[1]
+                row.update(server=server, protocol=protocol, duration_s=duration,
+                           avg_batch=(m1[0] - m0[0]) / calls if calls else float("nan"))
+                point.append(row)
+                print(f"{name}: c={c:>3} {LABELS[server, protocol]:<12} {row['img_s']:8.1f} img/s, p50 "
+                      f"{row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, avg batch {row['avg_batch']:.1f}, "
+                      f"errors {row['errors']}", flush=True)
             baselines.append(baseline())
-            row["inprocess_img_s"] = (baselines[-2] + baselines[-1]) / 2
-            row["ratio"] = row["img_s"] / row["inprocess_img_s"]
-            rows.append(row)
-            print(f"{name}: concurrency {c:>3}: {row['img_s']:.1f} img/s over {duration:.0f} s, p50 {row['p50_ms']:.1f} "
-                  f"ms, p99 {row['p99_ms']:.1f} ms, avg batch {row['avg_batch']:.1f}, ratio {row['ratio']:.2f}, "
-                  f"errors {row['errors']}", flush=True)
+            for row in point:
+                row["inprocess_img_s"] = (baselines[-2] + baselines[-1]) / 2
+                row["ratio"] = row["img_s"] / row["inprocess_img_s"]
+            rows += point
     return {"model": name, "onnx_model_name": enc.name, "input_shape": list(shape),
             "inprocess_img_s": float(np.mean(baselines)), "inprocess_runs_img_s": baselines, "rows": rows}
 
 
+def _cell(rows: list[dict], server: str, protocol: str, c: int) -> dict | None:
+    return next((r for r in rows if (r["server"], r["protocol"], r["concurrency"]) == (server, protocol, c)), None)
+
+
 def table(results: list[dict], batch: int) -> str:
-    lines = [f"| model | concurrency | server img/s | p50 ms | p99 ms | avg batch | in-process img/s (batch {batch}) "
-             "| ratio | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = " | ".join(f"{LABELS[k]} img/s (p50/p99 ms)" for k in SIDES)
+    lines = [f"| model | c | {head} | in-process img/s (b={batch}) | our gRPC / in-process | our gRPC / Triton gRPC |",
+             "|---|---:|" + "---:|" * (len(SIDES) + 3)]
     for r in results:
-        for row in r["rows"]:
-            lines.append(f"| {r['model']} | {row['concurrency']} | {row['img_s']:.1f} | {row['p50_ms']:.1f} | "
-                         f"{row['p99_ms']:.1f} | {row['avg_batch']:.1f} | {row['inprocess_img_s']:.1f} | "
-                         f"{row['ratio']:.2f} | {row['errors']} |")
+        for c in sorted({row["concurrency"] for row in r["rows"]}):
+            cells, base = [], None
+            for server, protocol in SIDES:
+                row = _cell(r["rows"], server, protocol, c)
+                if row is None:
+                    cells.append("-")
+                    continue
+                base = row["inprocess_img_s"]
+                err = f", {row['errors']} errors" if row["errors"] else ""
+                cells.append(f"{row['img_s']:.1f} ({row['p50_ms']:.1f} / {row['p99_ms']:.1f}{err})")
+            ours, tri = _cell(r["rows"], "ours", "grpc", c), _cell(r["rows"], "triton", "grpc", c)
+            vs_tri = f"{ours['img_s'] / tri['img_s']:.2f}" if ours and tri and tri["img_s"] else "-"
+            lines.append(f"| {r['model']} | {c} | {' | '.join(cells)} | {base:.1f} | "
+                         f"{ours['ratio']:.2f} | {vs_tri} |")
     return "\n".join(lines)
+
+
+def targets(results: list[dict], small: str) -> list[dict]:
+    """our gRPC >= Triton's gRPC at every concurrency; the small model at the top concurrency >= 0.5 in-process."""
+    out = []
+    for r in results:
+        for c in sorted({row["concurrency"] for row in r["rows"]}):
+            ours, tri = _cell(r["rows"], "ours", "grpc", c), _cell(r["rows"], "triton", "grpc", c)
+            if ours and tri:
+                out.append({"model": r["model"], "concurrency": c, "what": "our gRPC >= Triton gRPC img/s",
+                            "value": ours["img_s"] / max(tri["img_s"], 1e-9), "target": 1.0})
+        if r["model"] == small:
+            c = max(row["concurrency"] for row in r["rows"])
+            best = max((row for row in r["rows"] if row["server"] == "ours" and row["concurrency"] == c),
+                       key=lambda row: row["img_s"])
+            out.append({"model": r["model"], "concurrency": c, "what": f"our {best['protocol']} / in-process",
+                        "value": best["ratio"], "target": 0.5})
+    for t in out:
+        t["met"] = bool(t["value"] >= t["target"])
+    return out
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -232,24 +341,24 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    colors = {("ours", "http"): "#8fb3de", ("ours", "grpc"): "#2b5d9b", ("triton", "http"): "#f2b880",
+              ("triton", "grpc"): "#c4601d"}
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
     for ax, r in zip(axes[0], results):
-        cs = [str(row["concurrency"]) for row in r["rows"]]
-        ax.bar(cs, [row["img_s"] for row in r["rows"]], color="#4c72b0", label="server (tritonclient, 1 img/request)")
-        ax.plot(cs, [row["inprocess_img_s"] for row in r["rows"]], color="#c44e52", ls="--", marker="o",
-                label="in-process onnxruntime, batch 32 (measured around each run)")
-        top = 1.3 * max(max(row["img_s"], row["inprocess_img_s"]) for row in r["rows"])
-        for i, row in enumerate(r["rows"]):
-            inside = row["img_s"] > 0.3 * top  # label inside tall bars, above short ones
-            ax.text(i, row["img_s"] / 2 if inside else row["img_s"] + 0.01 * top,
-                    f"{row['ratio']:.2f}x\np99 {row['p99_ms']:.0f} ms", ha="center",
-                    va="center" if inside else "bottom", fontsize=8, color="white" if inside else "black")
+        cs = sorted({row["concurrency"] for row in r["rows"]})
+        width = 0.8 / len(SIDES)
+        for k, side in enumerate(SIDES):
+            vals = [(_cell(r["rows"], *side, c) or {}).get("img_s", 0.0) for c in cs]
+            xs = [i + (k - (len(SIDES) - 1) / 2) * width for i in range(len(cs))]
+            ax.bar(xs, vals, width, color=colors[side], label=LABELS[side])
+        base = [next(row["inprocess_img_s"] for row in r["rows"] if row["concurrency"] == c) for c in cs]
+        ax.plot(range(len(cs)), base, color="#444", ls="--", marker="o", label="in-process onnxruntime, batch 32")
+        ax.set_xticks(range(len(cs)), [str(c) for c in cs])
         ax.set_title(f"{r['model']} {'x'.join(map(str, r['input_shape']))}")
-        ax.set_xlabel("concurrent clients")
+        ax.set_xlabel("concurrent clients (1 image / request)")
         ax.set_ylabel("images / s")
-        ax.set_ylim(0, top)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -257,43 +366,43 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="resnet50,scan_convnet_mnist5k")
+    p.add_argument("--models", default="scan_convnet_mnist5k,resnet50")
     p.add_argument("--concurrency", default="1,8,32")
-    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per concurrency")
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
+    p.add_argument("--duration", type=float, default=5.0, help="measured seconds per point")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
     p.add_argument("--baseline-batch", type=int, default=32)
-    p.add_argument("--baseline-seconds", type=float, default=5.0, help="per baseline run (at least 3 batches)")
-    p.add_argument("--rounds", type=float, default=6.0,
+    p.add_argument("--baseline-seconds", type=float, default=3.0, help="per baseline run (at least 3 batches)")
+    p.add_argument("--rounds", type=float, default=4.0,
                    help="measure at least this many rounds of c requests at the baseline rate")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, both sides (0: all)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, all sides (0: all)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    p.add_argument("--no-triton", action="store_true", help="skip the Triton (PyTriton) columns")
     p.add_argument("--json", default=str(RESULTS / "serve_throughput.json"))
     p.add_argument("--png", default=str(RESULTS / "serve_throughput.png"))
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
+    models = [m for m in args.models.split(",") if m]
     results = []
     t_start = time.time()
+    load_start = list(os.getloadavg())
     with tempfile.TemporaryDirectory() as tmp:
-        for name in [m for m in args.models.split(",") if m]:
+        for name in models:
             results.append(bench_model(name, args, Path(tmp)))
     print()
     print(table(results, args.baseline_batch))
-    target = None
-    for r in results:
-        if r["model"] == "resnet50":
-            row = max(r["rows"], key=lambda row: row["concurrency"])
-            target = {"model": "resnet50", "concurrency": row["concurrency"], "ratio": row["ratio"],
-                      "target": 0.8, "met": bool(row["ratio"] >= 0.8)}
-            print(f"\ntarget: ResNet-50 server >= 0.8x in-process at concurrency {row['concurrency']}: "
-                  f"{row['ratio']:.2f}x -> {'met' if target['met'] else 'NOT met'}")
+    goals = targets(results, small=models[0])
+    print()
+    for t in goals:
+        print(f"target: {t['model']} c={t['concurrency']}: {t['what']}: {t['value']:.2f} (>= {t['target']}) -> "
+              f"{'met' if t['met'] else 'NOT met'}")
     import onnxruntime
 
     out = {"args": {k: v for k, v in vars(args).items()}, "platform": platform.platform(),
            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__, "cpu_count": os.cpu_count(),
-           "load_average_at_end": list(os.getloadavg()), "wall_s": time.time() - t_start, "target": target,
-           "results": results}
+           "load_average_at_start": load_start, "load_average_at_end": list(os.getloadavg()),
+           "wall_s": time.time() - t_start, "targets": goals, "results": results}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     tmp_json = Path(args.json).with_suffix(".json.tmp")
     tmp_json.write_text(json.dumps(out, indent=2) + "\n")

@@ -71,6 +71,9 @@ def _add_serve(sub) -> None:
                                                   "it; otherwise /search and /demo stay off until one is given)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001,
+                   help="KServe v2 gRPC (Triton's GRPCInferenceService) port, embedded backend (default 8001 "
+                        "as Triton; 0: a free port, printed at start; -1: no gRPC)")
     p.add_argument("--backend", choices=["embedded", "triton"], default="embedded")
     p.add_argument("--max-batch-size", type=int, default=32, help="dynamic batching: largest merged batch")
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0,

@@ -62,6 +62,7 @@ def _session(path: str, threads: int):
     opts = ort.SessionOptions()
     if threads > 0:
         opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as serve.onnx.OnnxEncoder
     available = ort.get_available_providers()
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     return ort.InferenceSession(path, sess_options=opts, providers=providers)

@@ -77,6 +77,12 @@ DEMO_COOKIE = "zoo_api_key"
 _NUMPY_TO_TRITON = {"float32": "FP32"}
 
 
+def bearer_token_ok(authorization: str, api_key: str) -> bool:
+    """Whether an ``Authorization`` value is ``Bearer <api_key>`` (HTTP header or gRPC metadata alike)."""
+    scheme, _, token = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
 def _error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=dict(headers or {}))
 
@@ -132,6 +138,11 @@ class DynamicBatcher:
     the oldest job, waits until ``max_queue_delay_s`` after that job arrived for more (or until the batch
     is full), concatenates, runs the encoder once in a dedicated thread and splits the outputs back.
     ``calls`` / ``batch_sizes`` record what ran (tests and benchmarks read them).
+
+    Per-request cost matters for small models (the server is then bound by it, not by compute), so the
+    hot path avoids per-request tasks and wake-ups: ``submit`` awaits its job's future directly (its
+    timeout is a timer on that future, not a ``wait_for`` task), and it wakes the worker only when the
+    worker is idle or the batch just became full; the worker sleeps out the queue delay on one timer.
     """
 
     def __init__(self, encoder: Any, *, max_batch_size: int = 32, max_queue_delay_s: float = 0.002,
@@ -149,67 +160,104 @@ class DynamicBatcher:
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"zoo-encode-{self.name}")
         self._jobs: collections.deque[_Job] = collections.deque()
-        self._wake: asyncio.Event | None = None
+        self._queued = 0  # images in _jobs (abandoned jobs included until popped: at worst an early run)
+        self._waiter: asyncio.Future | None = None  # what the worker sleeps on
+        self._idle = True  # the worker waits for a first job (vs. sleeping out the queue delay)
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        if metrics is not None:  # labelled children resolved once, not per batch
+            self._m = (metrics.batch_size.labels(self.name), metrics.batch_requests.labels(self.name),
+                       metrics.compute.labels(self.name), metrics.images.labels(self.name),
+                       metrics.queue_wait.labels(self.name))
 
-    def _ensure_worker(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _ensure_worker(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._loop is not loop or self._task is None or self._task.done():
             self._loop = loop
-            self._wake = asyncio.Event()
+            self._waiter = None
+            self._idle = True
             self._task = loop.create_task(self._worker(), name=f"zoo-batcher-{self.name}")
 
-    async def submit(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Encoder outputs for ``images`` ``[n,3,H,W]``, computed in merged batches."""
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    @staticmethod
+    def _expire(fut: asyncio.Future, timeout: float) -> None:
+        if not fut.done():  # the worker skips done jobs
+            fut.set_exception(TimeoutError(f"not computed within {timeout:g} s"))
+
+    async def submit(self, images: np.ndarray, timeout: float | None = None) -> dict[str, np.ndarray]:
+        """Encoder outputs for ``images`` ``[n,3,H,W]``, computed in merged batches.
+
+        ``timeout`` (seconds): raise ``TimeoutError`` when the outputs are not there by then (the queued
+        work is dropped).
+        """
         if self._closed:
             raise RuntimeError("the server is shutting down")
-        self._ensure_worker()
         loop = asyncio.get_running_loop()
-        jobs = [_Job(images[i:i + self.max_batch_size], loop.create_future())
-                for i in range(0, len(images), self.max_batch_size)]
+        self._ensure_worker(loop)
+        step = self.max_batch_size
+        jobs = [_Job(images[i:i + step], loop.create_future()) for i in range(0, len(images), step)]
         self._jobs.extend(jobs)
-        self._wake.set()
+        self._queued += len(images)
+        if self._idle or self._queued >= self.max_batch_size:
+            self._wake()
+        timers = [loop.call_later(timeout, self._expire, j.future, timeout) for j in jobs] if timeout else []
         try:
+            if len(jobs) == 1:
+                return await jobs[0].future
             parts = await asyncio.gather(*(j.future for j in jobs))
         except BaseException:
             for j in jobs:  # timed out / disconnected: the worker skips these
                 j.future.cancel()
             raise
-        if len(parts) == 1:
-            return parts[0]
+        finally:
+            for t in timers:
+                t.cancel()
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    async def _sleep(self, loop: asyncio.AbstractEventLoop, deadline: float | None) -> None:
+        """Until ``_wake`` (or ``deadline``, a ``perf_counter`` time, passes)."""
+        fut = self._waiter = loop.create_future()
+        timer = None
+        if deadline is not None:
+            timer = loop.call_later(max(0.0, deadline - time.perf_counter()), self._wake)
+        try:
+            await fut
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             while not self._jobs:
-                self._wake.clear()
-                await self._wake.wait()
+                self._idle = True
+                await self._sleep(loop, None)
+            self._idle = False
             first = self._jobs[0]
             if first.future.done():
-                self._jobs.popleft()
+                self._queued -= len(self._jobs.popleft().images)
                 continue
-            # Wait until the oldest job is max_queue_delay old, unless the batch fills up first.
+            # Wait until the oldest job is max_queue_delay old, unless the batch fills up first
+            # (submit wakes this sleep when it does).
             deadline = first.enqueued + self.max_queue_delay_s
-            while sum(len(j.images) for j in self._jobs if not j.future.done()) < self.max_batch_size:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), remaining)
+            while self._queued < self.max_batch_size and time.perf_counter() < deadline:
+                await self._sleep(loop, deadline)
             batch: list[_Job] = []
             n = 0
             while self._jobs:
                 job = self._jobs[0]
                 if job.future.done():
-                    self._jobs.popleft()
+                    self._queued -= len(self._jobs.popleft().images)
                     continue
                 if batch and n + len(job.images) > self.max_batch_size:
                     break
                 batch.append(self._jobs.popleft())
+                self._queued -= len(job.images)
                 n += len(job.images)
             if batch:
                 await self._run(batch, n, loop)
@@ -229,13 +277,13 @@ class DynamicBatcher:
             self.batch_sizes.append(n)
         compute = time.perf_counter() - start
         if self.metrics is not None:
-            m = self.metrics
-            m.batch_size.labels(self.name).observe(n)
-            m.batch_requests.labels(self.name).observe(len(batch))
-            m.compute.labels(self.name).observe(compute)
-            m.images.labels(self.name).inc(n)
+            size, requests, compute_s, images, queue_wait = self._m
+            size.observe(n)
+            requests.observe(len(batch))
+            compute_s.observe(compute)
+            images.inc(n)
             for j in batch:
-                m.queue_wait.labels(self.name).observe(max(0.0, start - j.enqueued))
+                queue_wait.observe(max(0.0, start - j.enqueued))
         offset = 0
         for j in batch:
             k = len(j.images)
@@ -254,6 +302,7 @@ class DynamicBatcher:
             j = self._jobs.popleft()
             if not j.future.done():
                 j.future.set_exception(RuntimeError("the server is shutting down"))
+        self._queued = 0
         self._executor.shutdown(wait=False)
 
 
@@ -389,9 +438,7 @@ class _Guard:
         await send({"type": "http.response.body", "body": body})
 
     def _authorized(self, headers: dict[bytes, bytes], path: str = "") -> bool:
-        got = headers.get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = got.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        if bearer_token_ok(headers.get(b"authorization", b"").decode("latin-1"), self.api_key):
             return True
         return _under_demo(path) and hmac.compare_digest(_cookie(headers, DEMO_COOKIE).encode(), self.api_key.encode())
 
@@ -552,12 +599,24 @@ def create_app(
             raise ValueError(f"the index holds {index.dim}-d features but model {index.model_name!r} gives "
                              f"{models[index.model_name].embed_dim}-d")
 
+    # Front ends beside HTTP (serve.grpc_server) started/stopped with the app, in uvicorn's event loop:
+    # they share the batchers, which live on that loop. Stopped before the batchers close.
+    services: list[Any] = []
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
-        yield
-        for mdl in models.values():
-            await mdl.batcher.aclose()
-        parse_pool.shutdown(wait=False)
+        started = []
+        try:
+            for svc in services:
+                await svc.start()
+                started.append(svc)
+            yield
+        finally:
+            for svc in reversed(started):
+                await svc.stop()
+            for mdl in models.values():
+                await mdl.batcher.aclose()
+            parse_pool.shutdown(wait=False)
 
     try:
         from importlib.metadata import version as _pkg_version
@@ -575,7 +634,9 @@ def create_app(
     # /metrics while large bodies are parsed, and at most `workers` images are decoded at once.
     parse_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zoo-parse")
     app.state.zoo = {"models": models, "index": index, "metrics": metrics, "default": default.name,
-                     "parse_pool": parse_pool}
+                     "parse_pool": parse_pool,
+                     "api_key": api_key or None, "max_body_bytes": int(max_body_bytes), "timeout_s": float(timeout_s),
+                     "version": server_version, "services": services}
 
     # ---- errors: always {"error": "..."}
     @app.exception_handler(ApiError)
@@ -709,7 +770,10 @@ def create_app(
             return req, images
 
         req, images = await off_loop(parse)
-        out = await timed(mdl.batcher.submit(images))
+        try:  # the batcher's own timeout: no wait_for task per request on this hot path
+            out = await mdl.batcher.submit(images, timeout=timeout_s)
+        except (TimeoutError, asyncio.TimeoutError):
+            raise ApiError(504, f"request did not finish within the server timeout of {timeout_s:g} s") from None
         content, headers = await off_loop(build_infer_response, req, mdl, out)
         return Response(content, headers=headers, media_type=headers["Content-Type"])
 
@@ -870,6 +934,16 @@ def cli_serve(args: argparse.Namespace) -> int:
     except PortInUseError as e:
         print(f"zoo serve: {e}", file=sys.stderr)
         return 2
+    grpc_port = int(getattr(args, "grpc_port", -1))  # -1: no gRPC front end
+    if grpc_port >= 0:
+        from serve.grpc_server import GrpcPortInUseError, check_grpc_port
+
+        try:
+            check_grpc_port(args.host, grpc_port)
+        except GrpcPortInUseError as e:
+            sock.close()
+            print(f"zoo serve: {e}", file=sys.stderr)
+            return 2
     try:
         from serve.app import build_embedded
 
@@ -878,6 +952,10 @@ def cli_serve(args: argparse.Namespace) -> int:
         sock.close()
         print(f"zoo serve: {e}", file=sys.stderr)
         return 2
+    if grpc_port >= 0:
+        from serve.grpc_server import attach_grpc
+
+        attach_grpc(app, args.host, grpc_port, announce=True)  # prints its address once listening
     host = f"[{args.host}]" if ":" in args.host else args.host
     base = f"http://{host}:{args.port}"
     print(f"zoo serve: model {urls['model']} ({urls['backend']})")

@@ -302,6 +302,8 @@ class PyTritonServer:
         self._own_log = log_path is None
         self.log_path: Path | None = Path(log_path) if log_path else None
         self.process: subprocess.Popen | None = None
+        self.grpc_port: int | None = None  # free ports chosen by start()
+        self.metrics_port: int | None = None
 
     # -- addresses
     @property
@@ -312,6 +314,11 @@ class PyTritonServer:
     def http_address(self) -> str:
         """``host:port`` as ``tritonclient.http.InferenceServerClient`` wants it."""
         return f"{self._probe_host}:{self.http_port}"
+
+    @property
+    def grpc_address(self) -> str:
+        """``host:port`` of Triton's gRPC endpoint, for ``tritonclient.grpc.InferenceServerClient``."""
+        return f"{self._probe_host}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
@@ -327,6 +334,7 @@ class PyTritonServer:
         else:
             _check_port_free(self.host, self.http_port)
         grpc_port, metrics_port = _free_port(self.host), _free_port(self.host)
+        self.grpc_port, self.metrics_port = grpc_port, metrics_port
         if self.log_path is None:
             fd, log = tempfile.mkstemp(prefix=f"zoo-pytriton-{self.name}-", suffix=".log")
             os.close(fd)

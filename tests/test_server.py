@@ -646,7 +646,8 @@ def test_cli_serve_refuses_an_index_of_another_model(tmp_path, monkeypatch, caps
     other = make_index(np.eye(2, 256, dtype=np.float32), ["a", "b"], "simclr_convnet_mnist5k",
                        encoder.pretrained_cfg, [0, 1])
     other.save(tmp_path / "idx")
-    args = ["serve", "--index", str(tmp_path / "idx"), "--no-demo", "--port", str(_free_port()), "--threads", "1"]
+    args = ["serve", "--index", str(tmp_path / "idx"), "--no-demo", "--port", str(_free_port()), "--threads", "1",
+            "--grpc-port", "-1"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "built by model 'simclr_convnet_mnist5k'" in err and MODEL in err
@@ -658,7 +659,8 @@ def test_zoo_serve_end_to_end_then_sigterm_exits_0(tmp_path, index, test_pngs, t
     port = _free_port()
     env = {**os.environ, "ZOO_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-c", "import sys; from zoo.cli import main; sys.exit(main())", "serve", "--no-demo",
-           "--index", str(tmp_path / "idx"), "--port", str(port), "--threads", "1", "--api-key", "k"]
+           "--index", str(tmp_path / "idx"), "--port", str(port), "--threads", "1", "--api-key", "k",
+           "--grpc-port", str(_free_port())]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         printed = []
