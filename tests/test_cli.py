@@ -80,3 +80,22 @@ def test_train_help_lists_every_registered_method():
     from train.methods import METHODS
 
     assert set(METHOD_NAMES) == set(METHODS)
+
+
+def test_resolve_model_is_the_one_model_argument_resolver(tmp_path):
+    import torch
+
+    import zoo
+    from zoo.cli import load_model_arg
+
+    shipped = zoo.resolve_model("simclr_convnet_mnist5k")  # a registered name with weights: pretrained
+    ref = zoo.create_model("simclr_convnet_mnist5k", pretrained=True)
+    x = torch.rand(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(shipped.eval().forward_features(x), ref.eval().forward_features(x))
+    assert zoo.resolve_model("convnet_tiny").pretrained_cfg["weights_source"] is None  # no weights: fresh init
+    folder = zoo.save_model_folder(ref, tmp_path / "m")
+    assert load_model_arg(str(folder)).pretrained_cfg["name"] == "simclr_convnet_mnist5k"  # the alias
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        zoo.resolve_model(tmp_path / "empty")
