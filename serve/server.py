@@ -489,14 +489,13 @@ class _Guard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
-        delivered = False
+        # Replayed as the chunks that came in: joining a 15 MB body here would copy it on the event loop.
+        pending = collections.deque(chunks) if chunks else collections.deque([b""])
 
         async def replay() -> dict:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
+            if pending:
+                chunk = pending.popleft()
+                return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
             return await receive()
 
         await self.app(scope, replay, send)
@@ -699,7 +698,9 @@ def create_app(
     @app.post("/v2/models/{name}/versions/{version}/infer", tags=["kserve-v2"])
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         mdl = get_model(name, version)
-        body = await request.body()
+        chunks = [c async for c in request.stream()]
+        body = chunks[0] if len(chunks) == 1 else await off_loop(b"".join, chunks)
+        del chunks
         encoding = request.headers.get("content-encoding", "")
         header_length = request.headers.get(INFER_HEADER)
 
@@ -841,6 +842,10 @@ def run_server(app: FastAPI, sock: socket.socket, *, graceful_shutdown_s: float 
     """
     import uvicorn
 
+    # Parsing and decoding run in worker threads; a 1 ms GIL switch interval (Python's default is 5 ms)
+    # lets the event loop take the GIL back quickly, so /v2/health and /metrics answer within
+    # milliseconds while a large request is parsed.
+    sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=graceful_shutdown_s,
                             access_log=False)
     server = uvicorn.Server(config)
