@@ -63,7 +63,13 @@ from serve.kserve import (
     parse_infer_request,
     requested_outputs,
 )
-from serve.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessor, decode_and_preprocess
+from serve.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    Preprocessor,
+    decode_and_preprocess,
+    release_memory,
+)
 
 if TYPE_CHECKING:
     from serve.index import FeatureIndex
@@ -710,6 +716,9 @@ def create_app(
             return req, images
 
         req, images = await off_loop(parse)
+        if len(body) >= 4 << 20:  # the parsed lists and copies are freed: give their pages back
+            del body
+            await off_loop(release_memory)
         out = await timed(mdl.batcher.submit(images))
         content, headers = await off_loop(build_infer_response, req, mdl, out)
         return Response(content, headers=headers, media_type=headers["Content-Type"])
