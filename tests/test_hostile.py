@@ -146,6 +146,18 @@ def test_bounded_preprocessing_equals_the_full_transform():
         a, b = full(img).numpy(), pre(img)
         # one uint8 level is 1/(255*STD) = 0.0157 after normalisation
         assert np.abs(a - b).max() <= 1.5 / (255 * STD), (h, w, np.abs(a - b).max())
+    # EXIF-rotated images reduced first: still rotated once, like the full transform
+    yy, xx = np.mgrid[0:300, 0:500]
+    rgb = np.stack([127 + 100 * np.sin(xx / 60 + k) * np.cos(yy / 45 + 2 * k) for k in range(3)], -1)
+    rgb[:50, :80] = 255  # an asymmetric mark: a wrong rotation moves it
+    for orientation in (3, 6, 8):
+        img = Image.fromarray(rgb.astype(np.uint8))
+        exif = img.getexif()
+        exif[0x0112] = orientation
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", exif=exif.tobytes())
+        img = decode_image(buf.getvalue())
+        assert np.abs(full(img).numpy() - pre(img)).max() <= 1.5 / (255 * STD), orientation
 
 
 @pytest.mark.skipif(not reset_peak(), reason="needs /proc/self/clear_refs (Linux)")
