@@ -44,7 +44,7 @@ import sys
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -402,7 +402,8 @@ class ClusterSession:
     def to_csv(self, path: str | os.PathLike | None = None) -> Path:
         """Write ``item, cluster, cluster_name, confidence[, true_label]`` atomically; returns the path.
 
-        Text cells starting with ``= + - @`` get a leading ``'`` (spreadsheet formula injection).
+        Every cell is quoted (``csv.QUOTE_ALL``), so a name like ``a;=1+1`` stays one cell in spreadsheets
+        that split on ``;``; text cells starting with ``= + - @`` get a leading ``'`` (formula injection).
         """
         path = Path(path) if path is not None else self.workdir / "exports" / f"clusters_{self.model_name}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -414,7 +415,7 @@ class ClusterSession:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-                w = csv.writer(fh)
+                w = csv.writer(fh, quoting=csv.QUOTE_ALL)  # every cell quoted: safe for ';' locales
                 w.writerow(header)
                 for i, item in enumerate(self.items):
                     c = int(self.assignments[i])
@@ -643,15 +644,33 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _load_query(path: Any) -> Image.Image:
-    from serve.preprocess import decode_image
+def _load_query(payload: Any) -> Image.Image:
+    """The uploaded query image, decoded safely; errors name the file the user gave.
 
-    if path is None or path == "":
+    The search/classify events run with ``preprocess=False``: Gradio's image component would open the
+    upload with PIL itself (its errors name ``/tmp/gradio/<hash>/...`` paths, and its bomb check is
+    not ours), so ``payload`` is the raw upload ``{"path", "orig_name", ...}`` (or a path / PIL image
+    when called directly).
+    """
+    from serve.preprocess import ImageDecodeError, decode_image
+
+    if payload is None or payload == "":
         raise ValueError("upload an image first")
-    if isinstance(path, Image.Image):
-        return path
-    p = Path(str(path))
-    return decode_image(p.read_bytes(), name=p.name)
+    if isinstance(payload, Image.Image):
+        return payload
+    if isinstance(payload, Mapping):
+        path = payload.get("path")
+        if not path:
+            raise ValueError("upload an image first")
+        name = str(payload.get("orig_name") or Path(str(path)).name)
+    else:
+        path = str(payload)
+        name = Path(path).name
+    try:
+        data = Path(str(path)).read_bytes()
+    except OSError as e:
+        raise ImageDecodeError(f"{name}: cannot read the upload ({e.strerror or type(e).__name__})") from None
+    return decode_image(data, name=name)
 
 
 def _header(session: ClusterSession) -> str:
@@ -820,10 +839,11 @@ def build_demo(session: ClusterSession, gallery_size: int = 16, default_k: int =
             png = session.confusion_png()
             return gr.update() if png is None else str(png)
 
+        # preprocess=False: the handlers get the raw upload and decode it themselves (see _load_query)
         gr.on([go.click, query.upload], do_classify, inputs=[query], outputs=[cls_json, cls_text, cls_label],
-              api_name="classify")
+              api_name="classify", preprocess=False)
         gr.on([go.click, query.upload], do_search, inputs=[query, k], outputs=[nn_json, neighbours],
-              api_name="search")
+              api_name="search", preprocess=False)
         rename_btn.click(do_rename, inputs=[rename_cluster, rename_name],
                          outputs=[rename_json, rename_status, summary, rename_cluster, map_img, confusion,
                                   *galleries],

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -27,7 +28,7 @@ import numpy as np
 MODEL_VERSION = "1"
 INFER_HEADER = "Inference-Header-Content-Length"
 FP32_MAX = float(np.finfo(np.float32).max)
-_CHUNK = 1 << 17  # elements per numpy conversion step: the GIL is released between steps
+_CHUNK = 1 << 16  # elements per conversion step: the GIL is released between steps
 
 
 class ApiError(Exception):
@@ -52,8 +53,13 @@ class ModelSpec(Protocol):
 # ----------------------------------------------------------------------------------------- JSON
 
 
+def _pause() -> None:
+    """Release the GIL now (``sleep(0)``) between conversion steps, so the event loop runs at once."""
+    time.sleep(0)
+
+
 def _parse_int(s: str) -> int:
-    return int(s)  # a Python-level hook: the parsing thread yields the GIL between numbers
+    return int(s)  # a Python-level hook: the interpreter can hand the GIL to the event loop between numbers
 
 
 def _parse_float(s: str) -> float:
@@ -67,7 +73,7 @@ def _parse_constant(s: str) -> float:
 def parse_json(raw: bytes | memoryview, what: str = "inference request header") -> Any:
     """``json.loads`` for untrusted bytes; ApiError(400) naming the problem for anything malformed."""
     try:
-        return json.loads(bytes(raw), parse_int=_parse_int, parse_float=_parse_float,
+        return json.loads(raw if isinstance(raw, bytes) else bytes(raw), parse_int=_parse_int, parse_float=_parse_float,
                           parse_constant=_parse_constant)
     except RecursionError:
         raise ApiError(400, f"{what} is nested too deeply to parse") from None
@@ -89,6 +95,7 @@ def check_fp32_tensor(arr: np.ndarray, name: str) -> np.ndarray:
     for i in range(0, flat.size, _CHUNK):
         part = flat[i:i + _CHUNK]
         ok = np.abs(part) <= FP32_MAX  # NaN compares False
+        _pause()
         if not ok.all():
             bad = i + int(np.argmin(ok))
             break
@@ -114,6 +121,7 @@ def _kinds(level: list) -> set[type]:
     kinds: set[type] = set()
     for i in range(0, len(level), _CHUNK):
         kinds.update(map(type, level[i:i + _CHUNK]))
+        _pause()
     return kinds
 
 
@@ -152,6 +160,7 @@ def fp32_from_json_data(data: Any, name: str, shape: Sequence[int]) -> np.ndarra
     try:
         for i in range(0, count, _CHUNK):
             arr[i:i + _CHUNK] = level[i:i + _CHUNK]
+            _pause()
     except OverflowError:  # an integer beyond float64
         raise ApiError(400, f"input {name!r}: data holds an integer outside the FP32 range") from None
     return check_fp32_tensor(arr, name).reshape(shape)
@@ -202,7 +211,7 @@ def parse_infer_request(body: bytes, header_length: str | None, model: ModelSpec
             raise ApiError(400, f"{INFER_HEADER} = {hl} but the body has {len(body)} bytes")
     else:
         hl = len(body)
-    req = parse_json(memoryview(body)[:hl])
+    req = parse_json(body if hl == len(body) else memoryview(body)[:hl])
     if not isinstance(req, dict):
         raise ApiError(400, "inference request must be a JSON object with 'inputs'")
     if "id" in req and not isinstance(req["id"], str):
@@ -296,7 +305,9 @@ def build_infer_response(req: dict[str, Any], model: ModelSpec, out: Mapping[str
                          ) -> tuple[bytes, dict[str, str]]:
     """Body and headers of a v2 infer response (JSON, or JSON + binary tensors after it).
 
-    The JSON is always valid: ``allow_nan=False``; an encoder that produced NaN is a server fault (500).
+    The JSON is always valid (``allow_nan=False``): an output with NaN/Inf asked for as JSON is refused
+    with a 400 naming it (finite inputs so extreme that the model overflows); binary outputs carry
+    IEEE values as they are, as Triton's do.
     """
     resp: dict[str, Any] = {"model_name": model.name, "model_version": MODEL_VERSION}
     if "id" in req:
@@ -311,13 +322,16 @@ def build_infer_response(req: dict[str, Any], model: ModelSpec, out: Mapping[str
             blobs.append(raw)
             t["parameters"] = {"binary_data_size": len(raw)}
         else:
+            finite = np.isfinite(arr)
+            if not finite.all():
+                row = int(np.argmin(finite.reshape(len(arr), -1).all(axis=1))) if arr.ndim else 0
+                raise ApiError(400, f"output {name!r} of model {model.name!r} is not finite (NaN/Inf) for batch "
+                                    f"row {row}: the input is outside what the model can compute; ask for a "
+                                    "binary output to receive IEEE values")
             t["data"] = arr.ravel().tolist()
         tensors.append(t)
     resp["outputs"] = tensors
-    try:
-        header = json.dumps(resp, separators=(",", ":"), allow_nan=False).encode()
-    except ValueError:
-        raise ApiError(500, f"model {model.name!r} produced non-finite outputs (NaN/Inf)") from None
+    header = json.dumps(resp, separators=(",", ":"), allow_nan=False).encode()
     if not blobs:
         return header, {"Content-Type": "application/json"}
     return b"".join([header, *blobs]), {"Content-Type": "application/octet-stream", INFER_HEADER: str(len(header))}

@@ -15,6 +15,7 @@ for the others they change the result only by interpolation rounding.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -30,7 +31,10 @@ REDUCE_AT = 8
 # The resize step may produce at most RESIZE_BUDGET x the model input's pixels (thin images are
 # cropped to the window the center crop keeps before they are resized).
 RESIZE_BUDGET = 16
+# Decoded images of at least this many pixels are followed by release_memory().
+TRIM_AT = 4_000_000
 _EXIF_ORIENTATION = 0x0112
+_LIBC: Any = None
 _REDUCIBLE = {"L", "LA", "La", "I", "F", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 
 
@@ -98,9 +102,9 @@ class Preprocessor:
            resize to 28x11200000): crop to the central window the center crop keeps, plus a margin for
            the interpolation filter. The short side, hence the resize scale, is unchanged.
         """
-        rotated = _orientation(img) in (5, 6, 7, 8)
+        orientation = _orientation(img)
         w, h = img.size
-        if rotated:
+        if orientation in (5, 6, 7, 8):
             w, h = h, w
         rh, rw = self.transform.resize_hw(h, w)
         ratio = min(h / rh, w / rw)
@@ -109,7 +113,9 @@ class Preprocessor:
                 img = img.convert("I" if img.mode.startswith("I;16") else
                                   ("L" if img.mode == "1" else "RGBA"))
             img = img.reduce(int(ratio // (REDUCE_AT // 2)))
-        if _orientation(img) != 1:
+            if orientation != 1:  # reduce() may not carry the EXIF (TIFF tags): rotate by the value read above
+                img = _transpose(img, orientation)
+        elif orientation != 1:
             try:
                 img = ImageOps.exif_transpose(img)
             except Exception:  # noqa: BLE001 - unreadable EXIF: the transform ignores it too
@@ -153,12 +159,50 @@ def decode_and_preprocess(data: bytes, pre: Preprocessor, *, max_pixels: int = D
     transform. The decoded image is released before returning.
     """
     img = decode_image(data, max_pixels=max_pixels, name=name)
+    big = img.width * img.height >= TRIM_AT
     try:
         return pre(img)
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # lazily-read parts (EXIF, palette) that are bad
         raise ImageDecodeError(f"{name}: corrupt image ({e})") from None
     finally:
         img.close()
+        del img
+        if big:
+            release_memory()
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Large decoded images are freed into malloc's arenas, which keep them: without this a server's RSS
+    stays at its peak after one big upload.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def _transpose(img: Image.Image, orientation: int) -> Image.Image:
+    """``img`` shown upright for EXIF ``orientation``, with the orientation metadata dropped (so the
+    transform does not rotate it a second time)."""
+    method = _TRANSPOSE.get(orientation)
+    if method is None:
+        return img
+    out = img.transpose(method)
+    for key in ("exif", "Raw profile type exif", "xmp", "XML:com.adobe.xmp"):
+        out.info.pop(key, None)
+    return out
 
 
 def _orientation(img: Image.Image) -> int:

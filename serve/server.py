@@ -63,7 +63,13 @@ from serve.kserve import (
     parse_infer_request,
     requested_outputs,
 )
-from serve.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessor, decode_and_preprocess
+from serve.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    Preprocessor,
+    decode_and_preprocess,
+    release_memory,
+)
 
 if TYPE_CHECKING:
     from serve.index import FeatureIndex
@@ -75,6 +81,8 @@ HEALTH_PREFIX = "/v2/health"
 DEMO_PREFIX = "/demo"
 DEMO_COOKIE = "zoo_api_key"
 _NUMPY_TO_TRITON = {"float32": "FP32"}
+# Request bodies below this size are parsed on the event loop (no worker-thread hop).
+INLINE_PARSE_BYTES = 64 << 10
 
 
 def bearer_token_ok(authorization: str, api_key: str) -> bool:
@@ -536,14 +544,13 @@ class _Guard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
-        delivered = False
+        # Replayed as the chunks that came in: joining a 15 MB body here would copy it on the event loop.
+        pending = collections.deque(chunks) if chunks else collections.deque([b""])
 
         async def replay() -> dict:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
+            if pending:
+                chunk = pending.popleft()
+                return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
             return await receive()
 
         await self.app(scope, replay, send)
@@ -760,7 +767,9 @@ def create_app(
     @app.post("/v2/models/{name}/versions/{version}/infer", tags=["kserve-v2"])
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         mdl = get_model(name, version)
-        body = await request.body()
+        chunks = [c async for c in request.stream()]
+        body = chunks[0] if len(chunks) == 1 else await off_loop(b"".join, chunks)
+        del chunks
         encoding = request.headers.get("content-encoding", "")
         header_length = request.headers.get(INFER_HEADER)
 
@@ -769,12 +778,20 @@ def create_app(
             requested_outputs(req, mdl)  # validate before computing
             return req, images
 
-        req, images = await off_loop(parse)
+        # Small bodies parse in microseconds: a thread hop would cost more than it frees the loop.
+        small = len(body) < INLINE_PARSE_BYTES and encoding in ("", "identity")
+        req, images = parse() if small else await off_loop(parse)
+        if len(body) >= 4 << 20:  # the parsed lists and copies are freed: give their pages back
+            del body
+            await off_loop(release_memory)
         try:  # the batcher's own timeout: no wait_for task per request on this hot path
             out = await mdl.batcher.submit(images, timeout=timeout_s)
         except (TimeoutError, asyncio.TimeoutError):
             raise ApiError(504, f"request did not finish within the server timeout of {timeout_s:g} s") from None
-        content, headers = await off_loop(build_infer_response, req, mdl, out)
+        if small and len(images) <= 64:
+            content, headers = build_infer_response(req, mdl, out)
+        else:
+            content, headers = await off_loop(build_infer_response, req, mdl, out)
         return Response(content, headers=headers, media_type=headers["Content-Type"])
 
     # ---- for people
@@ -906,6 +923,10 @@ def run_server(app: FastAPI, sock: socket.socket, *, graceful_shutdown_s: float 
     """
     import uvicorn
 
+    # Parsing and decoding run in worker threads; a 1 ms GIL switch interval (Python's default is 5 ms)
+    # lets the event loop take the GIL back quickly, so /v2/health and /metrics answer within
+    # milliseconds while a large request is parsed.
+    sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=graceful_shutdown_s,
                             access_log=False)
     server = uvicorn.Server(config)

@@ -151,6 +151,39 @@ def test_rename_and_csv(head, tmp_path):
         head.names[:] = old
 
 
+def _split_like_a_spreadsheet(line: str, sep: str) -> list[str]:
+    """How spreadsheet importers split a line: ``sep`` ends a cell only outside double quotes."""
+    cells, cell, quoted = [], "", False
+    for ch in line:
+        if ch == '"':
+            quoted = not quoted
+        elif ch == sep and not quoted:
+            cells.append(cell)
+            cell = ""
+            continue
+        cell += ch
+    return [*cells, cell]
+
+
+def test_csv_quotes_every_cell_so_semicolon_locales_are_safe(head, tmp_path):
+    old = list(head.names)
+    try:
+        head.rename(2, "a;=1+1")
+        path = head.to_csv(tmp_path / "q.csv")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for line in lines:  # every cell quoted
+            assert line.startswith('"') and line.endswith('"') and all(
+                c.startswith('"') and c.endswith('"') for c in _split_like_a_spreadsheet(line, ",")), line
+        for sep in (";", ","):  # no locale's separator turns part of a name into a formula cell
+            for line in lines:
+                assert not any(c.lstrip('"').startswith("=") for c in _split_like_a_spreadsheet(line, sep)), line
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        assert sum(r["cluster_name"] == "a;=1+1" for r in rows) == int((head.assignments == 2).sum()) > 0
+    finally:
+        head.names[:] = old
+
+
 def test_map_png(head):
     xy = head.coords_2d("pca")
     assert xy.shape == (1000, 2)
@@ -357,6 +390,29 @@ def test_api_errors_keep_the_app_running(head, app_url, tmp_path):
     assert result["cluster"] == head.assignments[10]
     png = client.predict("pca", api_name="/draw_map")
     assert Path(png).stat().st_size > 0
+
+
+def test_upload_errors_name_the_users_file_not_the_gradio_cache(head, app_url, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    from tests.test_server import bomb_png
+
+    client = _client(app_url, tmp_path)
+    bad = tmp_path / "my holiday.png"
+    bad.write_bytes(b"not an image at all")
+    big = tmp_path / "huge scan.png"
+    big.write_bytes(bomb_png(12000, 12000))  # 144 Mpx: PIL's bomb *warning* range
+    for path, needle in ((bad, "not an image"), (big, "pixels")):
+        for api in ("/classify", "/search"):
+            args = (handle_file(str(path)),) if api == "/classify" else (handle_file(str(path)), 3)
+            with pytest.raises(AppError) as e:
+                client.predict(*args, api_name=api)
+            msg = str(e.value)
+            assert path.name in msg and needle in msg and "/tmp/gradio" not in msg and "internal" not in msg, msg
+    good = tmp_path / "good.png"
+    head.pil(7).save(good)
+    assert client.predict(handle_file(str(good)), api_name="/classify")[0]["cluster"] == head.assignments[7]
 
 
 def test_mounted_under_fastapi(head, tmp_path):
