@@ -209,6 +209,7 @@ def _children_backbone(net: nn.Module, pool: bool = False) -> nn.Sequential:
 
 
 def test_lightly_swav_model_state_dict(tmp_path):
+    pytest.importorskip("lightly")
     from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
 
     class SwaV(nn.Module):  # lightly's SwAV example
@@ -232,6 +233,7 @@ def test_lightly_swav_model_state_dict(tmp_path):
 
 
 def test_lightly_tutorial_file_and_resnet_generator(tmp_path):
+    pytest.importorskip("lightly")
     from lightly.models import ResNetGenerator
 
     # tutorials: torch.save({"resnet18_parameters": backbone.state_dict()}, "model.pth")
