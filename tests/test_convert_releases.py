@@ -129,6 +129,25 @@ def test_scan_stl10_converts_exactly_only_when_told(tmp_path, stl_model):
         convert(path, dataset="cifar-20")
 
 
+def test_scan_imagenet50_resnet50(tmp_path):
+    # SCAN's ImageNet models: models/resnet.py wraps torchvision's resnet50 with fc = Identity
+    torch.manual_seed(22)
+    net = nn.Module()
+    net.backbone = torchvision.models.resnet50()
+    net.backbone.fc = nn.Identity()
+    net.cluster_head = nn.ModuleList([nn.Linear(2048, 50)])
+    _randomize(net, 22)
+    path = tmp_path / "scan_imagenet_50.pth.tar"
+    torch.save({"model": net.state_dict(), "head": np.int64(0)}, path)
+    model = convert(path)  # a 7x7 stem: no choice to make
+    x = _x(64, 8)
+    with torch.no_grad():
+        feats = net.backbone(x)
+        assert _close(model.forward_features(x), feats)
+        assert _close(model.predict_cluster(x), net.cluster_head[0](feats).softmax(dim=1))
+    assert model.config()["dataset"] == "imagenet-50" and model.config()["input_size"] == [3, 224, 224]
+
+
 # ----------------------------------------------------------------------------- DINO
 def test_dino_missing_tensor_fails_naming_it(tmp_path):
     torch.manual_seed(3)
