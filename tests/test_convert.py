@@ -286,6 +286,10 @@ def test_dino_full_checkpoint_prefers_teacher_and_keeps_head(tmp_path, dino_pair
     assert cfg["dropped_keys"]["student"] == len(ckpt["student"])
     assert set(cfg["ignored_entries"]) >= {"args", "optimizer", "epoch", "dino_loss"}
     assert cfg["kept_heads"] == {"head": 8} and "head" not in cfg["dropped_keys"]
+    check = cfg["conversion_check"]
+    assert len(check["kept_in_heads_file"]) == 8 and "student/module.backbone" in check["left_behind"]
+    assert check["file_tensors_used"] + sum(map(len, check["left_behind"].values())) == check["file_tensors"]
+    assert check["format_inferred_from"].startswith("detected: a 'teacher' network")
     assert "teacher" in cfg["description"]
     heads, _ = read_tensors(out / "heads.safetensors")
     assert torch.equal(heads["head.last_layer.weight_v"], head["head.last_layer.weight_v"])

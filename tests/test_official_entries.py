@@ -6,8 +6,10 @@ the entry by name through ``hubconf.py``. The real importer converts it once int
 the loaded model gives the source network's features. No network: a download attempt fails the test.
 """
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -27,49 +29,77 @@ def _resnet50(seed: int) -> nn.Module:
     return _randomize(net, seed).eval()
 
 
-def _mlp(dims: list[int], seed: int) -> dict:
-    layers = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        layers += [nn.Linear(a, b)] + ([nn.BatchNorm1d(b), nn.ReLU()] if i < len(dims) - 2 else [])
-    return _randomize(nn.Sequential(*layers), seed).state_dict()
+class SwavResNet50(nn.Module):
+    """facebookresearch/swav ``src/resnet50.py`` as documented, from torchvision's parts: a
+    ``ConstantPad2d(1)`` layer, then a 7x7/2 conv padded by 2 (3 in all, as torchvision's), BN, ReLU,
+    3x3/2 max-pool, torchvision's bottleneck stages, global average pool; the projection head
+    ``Linear(2048, 2048) - BatchNorm1d - ReLU - Linear(2048, 128)`` and the prototypes
+    ``Linear(128, 3000, bias=False)`` (``MultiPrototypes``: ``prototypes0..2`` for DeepCluster-v2 / SeLa-v2)."""
+
+    def __init__(self, seed: int, multi: bool):
+        super().__init__()
+        torch.manual_seed(seed)
+        tv = torchvision.models.resnet50()
+        self.padding = nn.ConstantPad2d(1, 0.0)
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=2, bias=False)
+        self.bn1, self.relu, self.maxpool = tv.bn1, tv.relu, tv.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = tv.layer1, tv.layer2, tv.layer3, tv.layer4
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.projection_head = nn.Sequential(nn.Linear(2048, 2048), nn.BatchNorm1d(2048), nn.ReLU(inplace=True),
+                                             nn.Linear(2048, 128))
+        if multi:
+            self.prototypes = nn.Module()
+            for i in range(3):
+                self.prototypes.add_module(f"prototypes{i}", nn.Linear(128, 3000, bias=False))
+        else:
+            self.prototypes = nn.Linear(128, 3000, bias=False)
+        _randomize(self, seed)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(self.padding(x)))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
 
 
 def official_file(name: str, seed: int) -> tuple[object, nn.Module, int]:
     """(what the official file holds, the network whose features the zoo model must give, input size)."""
     fmt, arch = zoo.model_info(name)["convert_format"], zoo.model_info(name)["architecture"]
-    if fmt == "moco":  # facebookresearch/moco: encoder_q under module., MLP fc, queue, optimizer state
-        net = _resnet50(seed)
-        state = _prefixed("module.encoder_q.", {k: v for k, v in net.state_dict().items() if not k.startswith("fc")})
-        fc = {"0.weight": torch.randn(64, 2048), "0.bias": torch.zeros(64), "2.weight": torch.randn(16, 64),
-              "2.bias": torch.zeros(16)}
-        state.update(_prefixed("module.encoder_q.fc.", fc))
-        state.update({"module.queue": torch.randn(16, 32), "module.queue_ptr": torch.zeros(1, dtype=torch.long)})
-        state.update(_prefixed("module.encoder_k.", {k: v.clone() for k, v in net.state_dict().items()}))
-        return {"epoch": 800, "arch": "resnet50", "state_dict": state}, net, 64
-    if fmt in ("swav", "deepcluster_v2", "sela_v2"):  # bare state dict, module. prefix, head + prototypes
-        net = _resnet50(seed)
-        state = _prefixed("module.", net.state_dict())
-        state.update(_prefixed("module.projection_head.", _mlp([2048, 64, 16], seed + 1)))
-        if fmt == "swav":
-            state["module.prototypes.weight"] = torch.randn(30, 16)
-        else:
-            state.update({f"module.prototypes.prototypes{i}.weight": torch.randn(30, 16) for i in range(3)})
-        return state, net, 64
-    if fmt == "dino":  # plain backbone state dict with timm-style ViT keys
+    if fmt == "moco":
+        # facebookresearch/moco main_moco.py + moco/builder.py (--mlp): torchvision resnet50(num_classes=128)
+        # with fc -> Linear(2048, 2048), ReLU, fc; the key encoder a copy; queue [128, K] (K is --moco-k,
+        # smaller here), queue_ptr; saved from DDP ({"epoch", "arch", "state_dict": module.*, "optimizer"}).
+        torch.manual_seed(seed)
+        query = torchvision.models.resnet50(num_classes=128)
+        query.fc = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), query.fc)
+        _randomize(query, seed)
+        key = torchvision.models.resnet50(num_classes=128)
+        key.fc = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), key.fc)
+        state = {**_prefixed("module.encoder_q.", query.state_dict()), **_prefixed("module.encoder_k.", key.state_dict())}
+        state.update({"module.queue": torch.randn(128, 1024), "module.queue_ptr": torch.zeros(1, dtype=torch.long)})
+        optimizer = torch.optim.SGD(query.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+        query.fc = nn.Identity()
+        return {"epoch": 800, "arch": "resnet50", "state_dict": state, "optimizer": optimizer.state_dict()}, query.eval(), 64
+    if fmt in ("swav", "deepcluster_v2", "sela_v2"):
+        # the released file is the DDP model's bare state dict (module.*), heads included
+        net = SwavResNet50(seed, multi=fmt != "swav").eval()
+        return _prefixed("module.", net.state_dict()), net, 64
+    if fmt == "dino":  # dino_deit*/dino_vitbase*_pretrain.pth: the teacher backbone's bare state dict
         dim, heads = {"vit_s16": (384, 6), "vit_b16": (768, 12)}[arch]
         torch.manual_seed(seed)
         net = _randomize(DinoViT(img_size=224, dim=dim, heads=heads), seed).eval()
         return net.state_dict(), net, 224
-    if fmt == "scan":  # SCAN: backbone.* + cluster_head.N.*; scan step {"model", "head": best}, selflabel bare
+    if fmt == "scan":
+        # SCAN scan.py: {"model": model.module.state_dict(), "head": np.argmin(losses)} with 10 heads;
+        # selflabel.py: model.module.state_dict() with one head
         info = zoo.model_info(name)
-        heads = 1 if "selflabel" in name else 3
+        heads = 1 if "selflabel" in name else 10
         net = _randomize(ScanClusteringModel(nclusters=info["num_clusters"], nheads=heads), seed).eval()
-        best = heads - 1
+        best = heads - 3 if heads > 1 else 0
         net.forward = lambda x: net.backbone(x)
         net.cluster_probs = lambda x: net.cluster_head[best](net.backbone(x)).softmax(dim=1)
         if heads == 1:
             return net.state_dict(), net, 32
-        return {"model": net.state_dict(), "head": best}, net, 32
+        return {"model": net.state_dict(), "head": np.int64(best)}, net, 32
     raise AssertionError(f"{name}: no official layout written for format {fmt!r}")
 
 
@@ -110,6 +140,11 @@ def test_torch_hub_load_official_entry(name, offline_caches):
     assert model.pretrained_cfg["license"] == info["license"] and model.pretrained_cfg["metrics"] == info["metrics"]
     folder = offline_caches / "zoo" / "models" / name
     assert (folder / "model.safetensors").is_file() and (folder / "README.md").is_file()
+    # the self-check: every tensor of the model is one of the file's (SCAN's best head index: documented)
+    check = json.loads((folder / "config.json").read_text())["conversion_check"]
+    assert check["ok"] and check["from_file"] == len(model.state_dict()) - len(check["documented_absent"])
+    assert set(check["documented_absent"]) <= {"cluster_head.best_head"}
+    assert check["file_tensors_used"] + sum(map(len, check["left_behind"].values())) == check["file_tensors"]
 
     checkpoint.unlink()  # converted once: from now on the zoo cache alone is enough
     again = zoo.create_model(name, pretrained=True).eval()

@@ -126,6 +126,11 @@ def convert(
     path, weights_source = _resolve_source(src)
     ckpt = load_checkpoint(path)
     family, method, fmt_from = _resolve_format(fmt, ckpt, path)
+    if dataset and family != "scan":
+        raise ValueError(
+            f"dataset= (--dataset) chooses between SCAN's architectures only; for a {family} file "
+            "pass the architecture itself (arch= / arch_kwargs=, --arch / --arch-kwargs)"
+        )
     hints = Hints(dataset=dataset, arch=arch, arch_kwargs=dict(arch_kwargs or {}))
     extracted = _FAMILIES[family][1](ckpt, source=path.name, method=method, hints=hints)
     model = build_model(
@@ -215,7 +220,7 @@ def build_model(
         state["cluster_head.best_head"] = torch.tensor(ex.best_head, dtype=torch.long)
         derived.setdefault("cluster_head.best_head", f"best head index {ex.best_head}")
     taken, absent = account(model.state_dict(), state, file_tensors, derived, source)
-    used = set(taken.values()) | {file_tensors[id(v)] for v in heads.values() if id(v) in file_tensors}
+    kept = sorted({file_tensors[id(v)] for v in heads.values() if id(v) in file_tensors})
     check = ConversionCheck(
         format=fmt,
         format_from=format_from,
@@ -225,7 +230,8 @@ def build_model(
         taken=taken,
         absent=absent,
         file_tensors=len(file_tensors),
-        left_behind=left_behind(file_tensors, used),
+        kept=kept,
+        left_behind=left_behind(file_tensors, set(taken.values()) | set(kept)),
     )
     model.load_state_dict(state, strict=True)
     model.pretrained_cfg["conversion_check"] = check.to_config()

@@ -62,6 +62,7 @@ class ConversionCheck:
     taken: dict[str, str] = field(default_factory=dict)  # target key -> file path
     absent: dict[str, str] = field(default_factory=dict)  # target key -> why it is not in the file
     file_tensors: int = 0
+    kept: list[str] = field(default_factory=list)  # file paths of heads kept in heads.safetensors
     left_behind: dict[str, list[str]] = field(default_factory=dict)  # group in the file -> its keys
 
     @property
@@ -80,7 +81,8 @@ class ConversionCheck:
             "from_file": len(self.taken),
             "documented_absent": dict(sorted(self.absent.items())),
             "file_tensors": self.file_tensors,
-            "file_tensors_used": len(set(self.taken.values())),
+            "file_tensors_used": len(set(self.taken.values()) | set(self.kept)),
+            "kept_in_heads_file": sorted(self.kept),
             "left_behind": {k: sorted(v) for k, v in sorted(self.left_behind.items())},
             "taken_from": dict(sorted(self.taken.items())),
         }
@@ -98,6 +100,8 @@ def summarize(record: Mapping[str, Any]) -> list[str]:
         f"architecture {record['architecture']} {record['arch_kwargs']}: "
         + "; ".join(record["architecture_inferred_from"]),
     ]
+    if record.get("kept_in_heads_file"):
+        lines.append(f"kept in heads.safetensors: {len(record['kept_in_heads_file'])} tensors")
     lines += [f"absent from the file: {key} ({why})" for key, why in sorted(absent.items())]
     if left:
         lines.append("left behind: " + ", ".join(f"{g} ({len(k)})" for g, k in sorted(left.items())))

@@ -40,9 +40,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
         f"converted {args.src} ({cfg['converted_from']}, method {cfg['method']}) -> {args.out}: "
         f"{cfg['architecture']} {cfg['arch_kwargs']}, {cfg['embed_dim']}-d features{clusters}"
     )
-    dropped = cfg.get("dropped_keys") or {}
-    if dropped:
-        print("left behind: " + ", ".join(f"{k} ({n})" for k, n in dropped.items()))
     for message in cfg.get("conversion_warnings", []):
         print(f"warning: {message}")
     from zoo.convert.check import summarize
