@@ -139,3 +139,19 @@ def test_training_state_roundtrip(tmp_path):
     expected = np.random.rand()
     np.random.set_state(state["rng"]["numpy"])
     assert np.random.rand() == expected
+
+
+def test_strict_load_names_each_missing_key_not_its_group():
+    import pytest
+    import torch
+
+    from zoo.checkpoint import CheckpointError, load_state_dict_strict
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    state = dict(model.state_dict())
+    del state["0.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict_strict(model, state, "f.safetensors")
+    msg = str(e.value)
+    assert "missing keys (1) 0.bias" in msg and "unexpected keys (1) extra.weight" in msg

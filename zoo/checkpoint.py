@@ -271,22 +271,19 @@ def load_state_dict_strict(model: torch.nn.Module, state: Mapping[str, torch.Ten
     if missing or unexpected or shapes:
         parts = []
         if missing:
-            parts.append(f"missing keys {_group_keys(missing)}")
+            parts.append(f"missing keys {_name_keys(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys {_group_keys(unexpected)}")
+            parts.append(f"unexpected keys {_name_keys(unexpected)}")
         if shapes:
             parts.append("shape mismatch " + "; ".join(shapes[:5]) + (" ..." if len(shapes) > 5 else ""))
         raise CheckpointError(f"{source}: weights do not fit the model: " + " | ".join(parts))
     model.load_state_dict(state, strict=True)
 
 
-def _group_keys(keys: list[str]) -> str:
-    """Group keys by their first two dotted components so a long list stays readable."""
-    groups: dict[str, int] = {}
-    for key in keys:
-        prefix = ".".join(key.split(".")[:2])
-        groups[prefix] = groups.get(prefix, 0) + 1
-    return "{" + ", ".join(f"{p}.* x{n}" if n > 1 else p for p, n in groups.items()) + "}"
+def _name_keys(keys: list[str], limit: int = 12) -> str:
+    """The keys themselves (not their groups): the first ``limit`` by name, then how many more."""
+    shown = ", ".join(keys[:limit])
+    return f"({len(keys)}) {shown}" + (f", ... and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def load_model_folder(folder: str | os.PathLike, map_location: str | torch.device = "cpu"):
