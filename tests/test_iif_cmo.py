@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from train.cmo import cmo_mix, cutmix_box, minority_weights, sample_by_weight
 from train.methods.supervised import Supervised, iif_cross_entropy, iif_weights
