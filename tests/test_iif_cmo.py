@@ -150,3 +150,19 @@ def test_iif_and_cmo_lower_the_loss_and_resume_bit_exact(case, tmp_path):
 def test_cmo_with_exact_masks_resumes_bit_exact(tmp_path):
     check_resume_bit_exact(tmp_path, total=4, cut=2, batch_size=32, data="shapes_lt100", method="supervised",
                            method_kwargs={"cmo": 0.5})
+
+
+@pytest.mark.parametrize("method,data,kwargs", [
+    ("iif", "mnist5k_lt100", "{}"), ("cmo", "shapes_lt100", '{"cmo": 1.0}'),
+    ("tsc", "mnist5k_lt100", '{"proj_hidden_dim": 32, "target_steps": 20}'),
+    ("rescom", "shapes_lt100", '{"proj_hidden_dim": 32, "queue_per_class": 4}'),
+    ("boosted", "mnist5k_lt100", '{"proj_hidden_dim": 32}'),
+])
+def test_long_tailed_methods_train_from_the_cli(method, data, kwargs, tmp_path):
+    from zoo.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--method", method, "--data", data, "--backbone", "convnet_tiny", "--backbone-kwargs",
+                 '{"widths": [8, 16]}', "--method-kwargs", kwargs, "--batch-size", "64", "--max-steps", "2",
+                 "--epochs", "1", "--out", str(out), "--quiet", "--no-eval"]) == 0
+    assert (out / "model" / "model.safetensors").is_file() and len(list((out / "checkpoints").iterdir())) == 1
