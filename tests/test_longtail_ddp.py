@@ -2,7 +2,8 @@
 
 TSC's class centres and Hungarian assignment, boosted contrastive learning's memorisation buffers and
 CMO's minority draws are global state: two ranks with batch B must end where one process with 2B
-does. ResCom's class-balanced queue must hold every rank's keys, in rank order, on every rank.
+does. OUPN's prototype memory must be the same on both ranks, built from both ranks' images.
+ResCom's class-balanced queue must hold every rank's keys, in rank order, on every rank.
 Tolerances as tests/test_distributed.py: 1e-5 for what is computed, exact for what is copied.
 """
 
@@ -29,6 +30,7 @@ KW = {
     "tsc": {"proj_hidden_dim": 32, "proj_dim": 16, "target_steps": 50},
     "boosted": {"proj_hidden_dim": 32, "proj_dim": 16, "memo_momentum": 0.5},
     "supervised": {"cmo": 1.0},
+    "oupn": {"proj_hidden_dim": 32, "proj_dim": 16, "max_prototypes": 20, "novelty_threshold": 0.5},
     "rescom": {"proj_hidden_dim": 32, "proj_dim": 16, "queue_per_class": 4, "hard_positives": 2, "hard_negatives": 8},
 }
 SAME_AS_ONE_PROCESS = ("tsc", "boosted", "supervised")
@@ -62,6 +64,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         t.fit()
         res["rescom"] = {"keys": torch.cat(keys), "labels": labels[0], "queue": t.method.queue.clone(),
                          "filled": t.method.queue_filled.clone(), "ptr": t.method.queue_ptr.clone()}
+        t = Trainer(_cfg("oupn", max_steps=3), Path(out) / "oupn_ddp", progress=False)
+        seen: list[torch.Tensor] = []
+        step = t.method.training_step
+        t.method.training_step = lambda x, i, c: seen.append(i.clone()) or step(x, i, c)
+        t.fit()
+        res["oupn"] = {"state": _state(t), "indices": torch.cat(seen)}
         torch.save(res, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -118,3 +126,13 @@ def test_rescom_queue_holds_the_keys_of_both_ranks(ranks):
         assert torch.equal(m["ptr"], reference.queue_ptr)
     assert int(reference.queue_filled.sum()) > 0
     assert not torch.equal(ranks[0]["rescom"]["labels"], ranks[1]["rescom"]["labels"])
+
+
+def test_oupn_memory_is_global(ranks):
+    a, b = ranks[0]["oupn"], ranks[1]["oupn"]
+    for key in ("prototypes", "counts", "active", "online_pred", "stream_order"):
+        assert torch.equal(a["state"][key], b["state"][key]), key
+    both = torch.cat([a["indices"], b["indices"]])
+    assert not set(a["indices"].tolist()) & set(b["indices"].tolist())  # the ranks saw different images
+    pred = a["state"]["online_pred"]
+    assert (pred[both] >= 0).all() and int((pred >= 0).sum()) == both.numel()  # every rank's arrivals recorded
