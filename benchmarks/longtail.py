@@ -1,9 +1,10 @@
-"""Long-tailed recognition on mnist5k_lt: SupCon vs PaCo vs BCL vs cross entropy.
+"""Long-tailed recognition on mnist5k_lt and shapes_lt: every long-tailed method beside its base.
 
     python benchmarks/longtail.py                                    # the real run (recipes' epochs)
     python benchmarks/longtail.py --epochs 1 --max-steps 2 --imbalances 10 --out /tmp/lt --json /tmp/lt.json
+    python benchmarks/longtail.py --bases mnist5k,shapes --imbalances 100 --methods all   # the full table
 
-Each method trains from ``train/recipes/<method>_mnist5k_lt.yaml`` on ``mnist5k_lt<imbalance>``
+Each method trains from ``train/recipes/<method>_<base>_lt.yaml`` on ``<base>_lt<imbalance>``
 (400 ... 400/imbalance train images per class, balanced 1,000-image test split), then its frozen
 encoder is evaluated on the test split, overall and on many- (> 100 train images), medium-
 (20-100) and few-shot (< 20) classes (zoo.eval.longtail):
@@ -29,7 +30,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["supervised", "supcon", "paco", "bcl"]
+METHODS = ["supervised", "supcon", "paco", "bcl"]  # the default set (the first table)
+# --methods all: each long-tailed method beside its base (cross entropy, SupCon, SimCLR) at the same budget
+ALL_METHODS = ["supervised", "iif", "cmo", "supcon", "paco", "bcl", "tsc", "rescom", "simclr", "boosted"]
 PROTOCOLS = ["linear", "knn", "head"]
 GROUPS = ["top1", "many", "medium", "few"]
 COLOURS = {"top1": "C0", "many": "C1", "medium": "C2", "few": "C3"}
@@ -56,16 +59,17 @@ def evaluate_run(trainer, data: str) -> dict:
     return metrics
 
 
-def run_one(method: str, imbalance: int, epochs: int | None, max_steps: int | None, out_root: Path) -> dict:
+def run_one(method: str, imbalance: int, epochs: int | None, max_steps: int | None, out_root: Path,
+            base: str = "mnist5k") -> dict:
     from train.trainer import TrainConfig, Trainer
 
-    out = out_root / f"{method}_lt{imbalance}"
+    out = out_root / (f"{method}_lt{imbalance}" if base == "mnist5k" else f"{method}_{base}_lt{imbalance}")
     result_file = out / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
-    data = f"mnist5k_lt{imbalance}"
+    data = f"{base}_lt{imbalance}"
     overrides = {"data": data, "epochs": epochs, "max_steps": max_steps, "name": f"{method}_convnet_{data}"}
-    cfg = TrainConfig.from_yaml(ROOT / "train" / "recipes" / f"{method}_mnist5k_lt.yaml", **overrides)
+    cfg = TrainConfig.from_yaml(ROOT / "train" / "recipes" / f"{method}_{base}_lt.yaml", **overrides)
     start = time.time()
     trainer = Trainer(cfg, out, progress=True)
     trainer.fit(resume=True)
@@ -79,7 +83,7 @@ def run_one(method: str, imbalance: int, epochs: int | None, max_steps: int | No
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = ["imbalance", "method"] + [f"{p}_{g}" for p in PROTOCOLS for g in GROUPS] + ["train_seconds"]
+    cols = ["data", "imbalance", "method"] + [f"{p}_{g}" for p in PROTOCOLS for g in GROUPS] + ["train_seconds"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
@@ -90,18 +94,18 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], imbalances: list[int], path: Path, title: str) -> None:
+def plot(rows: list[dict], datasets: list[str], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    fig, axes = plt.subplots(len(PROTOCOLS), len(imbalances), figsize=(5 * len(imbalances), 2.6 * len(PROTOCOLS)),
+    fig, axes = plt.subplots(len(PROTOCOLS), len(datasets), figsize=(5 * len(datasets), 2.6 * len(PROTOCOLS)),
                              squeeze=False)
     width = 0.8 / len(GROUPS)
-    for col, imbalance in enumerate(imbalances):
-        sub = [r for r in rows if r["imbalance"] == imbalance]
+    for col, data in enumerate(datasets):
+        sub = [r for r in rows if r["data"] == data]
         for row, protocol in enumerate(PROTOCOLS):
             ax = axes[row][col]
             for i, g in enumerate(GROUPS):
@@ -110,7 +114,8 @@ def plot(rows: list[dict], imbalances: list[int], path: Path, title: str) -> Non
                 ax.bar(xs, [v for v in values if v is not None], width, color=COLOURS[g])
             ax.set_xticks([x + 0.4 - width / 2 for x in range(len(sub))], [r["method"] for r in sub])
             ax.set_ylim(0, 1)
-            ax.set_title(f"{protocol}, imbalance {imbalance}", fontsize=9)
+            ax.set_xticks(ax.get_xticks(), ax.get_xticklabels(), rotation=45, fontsize=7)
+            ax.set_title(f"{protocol}, {data}", fontsize=9)
     handles = [Patch(color=COLOURS[g], label="overall" if g == "top1" else f"{g}-shot") for g in GROUPS]
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
@@ -120,7 +125,8 @@ def plot(rows: list[dict], imbalances: list[int], path: Path, title: str) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma list, or 'all' (every long-tailed method)")
+    parser.add_argument("--bases", default="mnist5k", help="comma list of long-tailed bases: mnist5k, shapes")
     parser.add_argument("--imbalances", default="10,100", help="comma-separated imbalance factors (10, 50, 100)")
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipes' epochs")
     parser.add_argument("--max-steps", type=int, default=None, help="stop each run early (smoke tests)")
@@ -130,23 +136,29 @@ def main() -> None:
     imbalances = [int(x) for x in args.imbalances.split(",")]
     tag = f"e{args.epochs or 'recipe'}" + (f"_s{args.max_steps}" if args.max_steps else "")
     out_root = Path(args.out) / tag
+    methods = ALL_METHODS if args.methods == "all" else args.methods.split(",")
+    bases = args.bases.split(",")
+    datasets = [f"{b}_lt{i}" for b in bases for i in imbalances]
     rows = []
-    for imbalance in imbalances:
-        for method in args.methods.split(","):
-            print(f"== {method} on mnist5k_lt{imbalance}", flush=True)
-            rows.append(run_one(method, imbalance, args.epochs, args.max_steps, out_root))
+    for base in bases:
+        for imbalance in imbalances:
+            for method in methods:
+                print(f"== {method} on {base}_lt{imbalance}", flush=True)
+                rows.append(run_one(method, imbalance, args.epochs, args.max_steps, out_root, base))
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).with_suffix(".partial.json").write_text(json.dumps(rows, indent=2))  # as it goes
     table = markdown(rows)
     print(table)
     json_path = Path(args.json)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     machine = {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
                "device": "cuda" if torch.cuda.is_available() else "cpu"}
-    payload = {"data": "mnist5k_lt", "imbalances": imbalances, "epochs": args.epochs, "max_steps": args.max_steps,
+    payload = {"data": datasets, "imbalances": imbalances, "epochs": args.epochs, "max_steps": args.max_steps,
                "shot_thresholds": {"many": "> 100 train images", "medium": "20-100", "few": "< 20"},
                "machine": machine, "rows": rows}
     json_path.write_text(json.dumps(payload, indent=2))
-    plot(rows, imbalances, json_path.with_suffix(".png"),
-         f"mnist5k_lt: balanced test accuracy by shot group ({args.epochs or 'recipe'} epochs"
+    plot(rows, datasets, json_path.with_suffix(".png"),
+         f"{', '.join(datasets)}: balanced test accuracy by shot group ({args.epochs or 'recipe'} epochs"
          + (f", {args.max_steps} steps" if args.max_steps else "") + ")")
     print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
 

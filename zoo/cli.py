@@ -19,6 +19,8 @@ EPILOG_EVAL = (
     "         zoo eval runs/simclr_shapes/model --data shapes --protocol rlp --clusters 8\n"
     "         zoo eval simclr_convnet_mnist5k --protocol fewshot --ways 5 --shots 1,5 --episodes 600\n"
     "         zoo eval simclr_convnet_mnist5k --data mnist5k_lt100 --protocol longtail\n"
+    "         zoo eval simclr_convnet_mnist5k --protocol lowlabel --fractions 0.01,0.1\n"
+    "         zoo eval runs/simclr_shapes/model --data shapes --protocol bgswap\n"
     "         zoo eval runs/scan_mnist5k/model --protocol none --plots plots/ --run runs/scan_mnist5k"
 )
 EPILOG_LEADERBOARD = (
@@ -107,6 +109,16 @@ def _shots(text: str) -> tuple[int, ...]:
     return shots
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        fractions = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--fractions takes a comma list of numbers, got {text!r}") from None
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        raise argparse.ArgumentTypeError(f"--fractions needs label fractions in (0, 1], got {text!r}")
+    return fractions
+
+
 def _protocol_list(text: str) -> tuple[str, ...]:
     # "cluster" is DESIGN.md's name for the k-means protocol; "none" runs no protocol (plots only)
     names = [{"cluster": "kmeans"}.get(p.strip(), p.strip()) for p in text.split(",") if p.strip()]
@@ -134,7 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         metrics = evaluate(model, data, protocols=protocols, batch_size=args.batch_size, device=args.device,
                            progress=not args.quiet, seed=args.seed, rlp_clusters=args.clusters,
                            fewshot_ways=args.ways, fewshot_shots=args.shots, fewshot_episodes=args.episodes,
-                           **data_kwargs)
+                           lowlabel_fractions=args.fractions, **data_kwargs)
         rows = [{"metric": k, "value": v} for k, v in metrics.items() if isinstance(v, float)
                 and not k.startswith("rlp_")]
         if rows:
@@ -246,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="dataset folder (imagefolder, cifar10, ...)")
     p.add_argument("--protocol", default="knn,linear,kmeans",
                    help="comma list of knn, linear, kmeans (alias: cluster), fewshot, rlp (needs a dataset with "
-                        "concept labels: shapes), longtail (needs a *_lt dataset); none: plots only")
+                        "concept labels: shapes), longtail (needs a *_lt dataset), lowlabel (1 %% / 10 %% labels), "
+                        "bgswap (shapes: backgrounds swapped by exact masks); none: plots only")
+    p.add_argument("--fractions", type=_fractions, default=None,
+                   help="lowlabel: comma list of labelled fractions of the train split (default 0.01,0.1)")
     p.add_argument("--json", help="write the metrics as JSON to this file")
     p.add_argument("--write-metrics", action="store_true", help="store the metrics in the model folder's config and card")
     _add_protocol_options(p)

@@ -55,6 +55,9 @@ class StepContext:
     # Class labels ``[B]`` (long, on ``device``) of the given dataset indices, from the dataset's targets;
     # None when the training data is unlabelled. Only supervised methods use it (``Method.batch_labels``).
     labels: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # (foreground masks bool [B,1,H,W], clean backgrounds [B,3,H,W] in [0,1]) of the given dataset indices, on
+    # ``device``, when the training set's generator knows them exactly (shapes, shapes_lt*); else None. CMO uses it.
+    layers: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class Method(nn.Module):

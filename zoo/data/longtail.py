@@ -26,6 +26,7 @@ Train counts for mnist5k (n_max = 400): imbalance 10 keeps 1,630 images
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -119,4 +120,11 @@ def load_longtail(
     out.class_counts = np.bincount(out.targets, minlength=num_classes)
     out.imbalance = imbalance
     out.base = base
+    if callable(getattr(ds, "layers", None)):  # shapes: the exact masks / backgrounds of the kept images
+        out.layers = functools.partial(_subset_layers, ds.layers, torch.as_tensor(idx))
     return out
+
+
+def _subset_layers(layers: Any, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rows ``idx`` of each tensor ``layers()`` returns (a module-level function: datasets stay picklable)."""
+    return tuple(t[idx] for t in layers())

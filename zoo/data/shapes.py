@@ -5,6 +5,9 @@ Each image draws independent uniform factors: shape (circle, square, triangle, c
 random half-size ``r`` in ``[5, 11]`` and a centre jittered so the shape never touches the 1-pixel
 image border (border pixels always show the background). The label is the shape index. Everything
 is deterministic given ``seed``, the split and its size; train and test use different derived seeds.
+
+:func:`shape_layers` replays the generator and returns each image's exact foreground mask and its
+background without the shape (the background-swap protocol and CMO's exact-mask pasting use them).
 """
 
 from __future__ import annotations
@@ -113,4 +116,45 @@ def load_shapes(
     ds.concepts = {k: factors[k].copy() for k in ("shape", "colour", "background")}
     ds.concept_names = {"shape": list(SHAPES), "colour": list(COLOURS), "background": list(BACKGROUNDS)}
     ds.factors = {k: v.copy() for k, v in factors.items()}
+    # (masks [n,32,32] bool, backgrounds uint8 [n,3,32,32]) on demand: a partial, so the dataset still pickles
+    ds.layers = functools.partial(shape_layer_tensors, int(n), int(seed), split)
     return ds
+
+
+@functools.lru_cache(maxsize=4)
+def shape_layers(n: int, seed: int = 0, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """The two layers of :func:`make_shapes`' images: ``(masks bool [n,32,32], backgrounds uint8 [n,32,32,3])``.
+
+    The generator is replayed with the same random stream, so a noise background is the very noise
+    the image was drawn on (including the pixels its shape covers), and the mask is the shape drawn
+    with the same PIL call (no anti-aliasing: every pixel is shape or background). For every image,
+    ``where(mask, colour, background) == make_shapes(n, seed, split)[0]`` exactly. Cached: read-only.
+    """
+    images, f = make_shapes(n, seed, split)
+    rng = np.random.default_rng([int(seed), _SPLIT_CODE[split]])
+    # Same draws as make_shapes, in the same order, so the noise backgrounds come out identical.
+    rng.integers(0, len(SHAPES), n), rng.integers(0, len(COLOURS), n), rng.integers(0, len(BACKGROUNDS), n)
+    rng.integers(MIN_HALF_SIZE, MAX_HALF_SIZE + 1, n)
+    rng.random(n), rng.random(n)
+    noise_bg = BACKGROUNDS.index("noise")
+    masks = np.zeros((n, SIZE, SIZE), dtype=bool)
+    backgrounds = np.empty((n, SIZE, SIZE, 3), dtype=np.uint8)
+    for i in range(n):
+        bg = int(f["background"][i])
+        if bg == noise_bg:
+            backgrounds[i] = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+        else:
+            backgrounds[i] = BACKGROUND_RGB[BACKGROUNDS[bg]]
+        mask = Image.new("L", (SIZE, SIZE), 0)
+        _draw(ImageDraw.Draw(mask), SHAPES[int(f["shape"][i])], int(f["cx"][i]), int(f["cy"][i]), int(f["size"][i]),
+              255)
+        masks[i] = np.asarray(mask) > 0
+    return masks, backgrounds
+
+
+def shape_layer_tensors(n: int, seed: int = 0, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`shape_layers` as tensors in the dataset's layout: masks bool ``[n,1,32,32]``, backgrounds uint8
+    ``[n,3,32,32]`` (fresh copies)."""
+    masks, backgrounds = shape_layers(n, seed, split)
+    return (torch.from_numpy(masks.copy()).unsqueeze(1),
+            torch.from_numpy(backgrounds.copy()).permute(0, 3, 1, 2).contiguous())

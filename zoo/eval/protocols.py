@@ -4,7 +4,9 @@ Default protocols (:data:`PROTOCOLS`): kNN, linear probe, k-means (plus the clus
 the model has one). Others, asked for by name (:data:`ALL_PROTOCOLS`): ``rlp`` (reverse linear
 probing of the dataset's concept labels, :mod:`zoo.eval.rlp`), ``fewshot`` (N-way K-shot nearest
 centroid, :mod:`zoo.eval.fewshot`) and ``longtail`` (many/medium/few-shot accuracy on a ``*_lt``
-dataset, :mod:`zoo.eval.longtail`).
+dataset, :mod:`zoo.eval.longtail`), ``lowlabel`` (linear probe and kNN on fixed 1 % / 10 % labelled
+subsets, :mod:`zoo.eval.lowlabel`) and ``bgswap`` (accuracy with backgrounds swapped between test
+images by their exact masks, ``shapes`` only, :mod:`zoo.eval.bgswap`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from zoo.eval.metrics import cluster_metrics
 __all__ = ["ALL_PROTOCOLS", "PROTOCOLS", "evaluate", "evaluate_features"]
 
 PROTOCOLS: tuple[str, ...] = ("knn", "linear", "kmeans")  # the default set
-ALL_PROTOCOLS: tuple[str, ...] = (*PROTOCOLS, "fewshot", "rlp", "longtail")
-_NEEDS_TRAIN = frozenset({"knn", "linear", "rlp", "longtail"})
+ALL_PROTOCOLS: tuple[str, ...] = (*PROTOCOLS, "fewshot", "rlp", "longtail", "lowlabel", "bgswap")
+_NEEDS_TRAIN = frozenset({"knn", "linear", "rlp", "longtail", "lowlabel", "bgswap"})
 _FEWSHOT_SHOTS = (1, 5)
 
 # Linear-probe settings used by evaluate_features (reported in the "protocol" string).
@@ -54,6 +56,7 @@ def evaluate_features(
     fewshot_shots: int | Iterable[int] = _FEWSHOT_SHOTS,
     fewshot_episodes: int = 600,
     fewshot_queries: int = 15,
+    lowlabel_fractions: Iterable[float] | None = None,
 ) -> dict[str, float]:
     """Evaluate frozen features; ``train``/``test`` are :func:`extract_features` dicts.
 
@@ -74,6 +77,10 @@ def evaluate_features(
       ``rlp_acc[NAME]`` for every concept and pair ``a&b``, ``rlp_gain[a&b]``.
     - ``longtail``: ``lt_{knn,linear}_{top1,many,medium,few}`` and ``lt_num_{many,medium,few}``
       (:func:`zoo.eval.longtail.evaluate_longtail`, class groups from the train label counts).
+    - ``lowlabel``: ``lowlabel_{1pct,10pct,...}_{linear,knn,n}`` for each of ``lowlabel_fractions``
+      (default 0.01, 0.1) (:func:`zoo.eval.lowlabel.evaluate_lowlabel`, subsets fixed by ``seed``).
+    - ``bgswap``: ``bgswap_{linear,knn}_{orig,swapped,gap}`` from ``test["bgswap_features"]``, the
+      features of the background-swapped test images (:func:`zoo.eval.bgswap.evaluate_bgswap`).
 
     And, whenever ``test`` has ``cluster_probs``: ``head_acc``, ``head_nmi``, ``head_ari`` of the
     argmax cluster against the test labels.
@@ -117,6 +124,17 @@ def evaluate_features(
 
         lt = evaluate_longtail(train, test, protocols=("knn", "linear"), k=k, temperature=temperature)
         results.update({f"lt_{key}": value for key, value in lt.items()})
+    if "lowlabel" in protocols:
+        from zoo.eval.lowlabel import DEFAULT_FRACTIONS, evaluate_lowlabel
+
+        results.update(evaluate_lowlabel(train, test, lowlabel_fractions or DEFAULT_FRACTIONS, seed=seed, k=k,
+                                         temperature=temperature))
+    if "bgswap" in protocols:
+        from zoo.eval.bgswap import evaluate_bgswap
+
+        if test.get("bgswap_features") is None:
+            raise ValueError("the bgswap protocol needs test['bgswap_features'] (features of the swapped images)")
+        results.update(evaluate_bgswap(train, test, test["bgswap_features"], k=k, temperature=temperature))
     if test.get("cluster_probs") is not None:
         pred = np.asarray(test["cluster_probs"]).argmax(axis=1)
         results.update({f"head_{key}": v for key, v in cluster_metrics(test["labels"], pred).items()})
@@ -143,6 +161,11 @@ def _protocol_string(protocols: tuple[str, ...], k: int, temperature: float, num
     if "longtail" in protocols:
         parts.append("long-tailed: kNN and linear probe fitted on the long-tailed train split, balanced test; "
                      "many (>100 train images) / medium / few (<20) class groups")
+    if "lowlabel" in protocols:
+        parts.append("low-label: linear probe and kNN on class-stratified, nested labelled subsets fixed by the seed")
+    if "bgswap" in protocols:
+        parts.append("background swap: test foregrounds (exact masks) on another test image's different background; "
+                     "linear probe / kNN fitted on unswapped train features; gap = orig - swapped")
     return "; ".join(parts)
 
 
@@ -170,6 +193,7 @@ def evaluate(
     fewshot_ways: int | None = None,
     fewshot_shots: int | Iterable[int] = _FEWSHOT_SHOTS,
     fewshot_episodes: int = 600,
+    lowlabel_fractions: Iterable[float] | None = None,
     **dataset_kwargs: Any,
 ) -> dict[str, Any]:
     """Extract train/test features of ``model`` on a named dataset and run :func:`evaluate_features`.
@@ -197,6 +221,9 @@ def evaluate(
     transform = transform_for(model)
     opts = dict(batch_size=batch_size, device=device, progress=progress)
     test_ds = load_dataset(dataset, "test", transform=transform, **dataset_kwargs)
+    if "bgswap" in protocols and not callable(getattr(test_ds, "layers", None)):
+        raise ValueError(f"the bgswap protocol needs exact foreground masks, which {dataset!r} does not have; "
+                         "use --data shapes (or a shapes_lt* split)")
     train_ds = None
     if _NEEDS_TRAIN & set(protocols):  # k-means, few-shot and the cluster head use only test
         train_ds = load_dataset(dataset, "train", transform=transform, **dataset_kwargs)
@@ -211,9 +238,12 @@ def evaluate(
     test = extract_features(model, test_ds, cluster_probs=True, **opts)
     if concepts:
         test["concepts"] = concepts["test"]
+    if "bgswap" in protocols:
+        test["bgswap_features"] = extract_features(model, _swapped_test(test_ds, seed), **opts)["features"]
     results: dict[str, Any] = evaluate_features(
         train, test, protocols=protocols, k=k, temperature=temperature, seed=seed, rlp_clusters=rlp_clusters,
         fewshot_ways=fewshot_ways, fewshot_shots=fewshot_shots, fewshot_episodes=fewshot_episodes,
+        lowlabel_fractions=lowlabel_fractions,
     )
     num_classes = int(np.unique(test["labels"]).shape[0])
     fewshot = ", ".join(k_ for k_ in results if k_.startswith("fewshot_") and not k_.endswith("_ci95"))
@@ -224,3 +254,15 @@ def evaluate(
         protocol=_protocol_string(protocols, k, temperature, num_classes, rlp_clusters, fewshot),
     )
     return results
+
+
+def _swapped_test(test_ds: Any, seed: int) -> Any:
+    """The test split with backgrounds swapped between images (same transform, labels and order)."""
+    from zoo.data.base import InMemoryImageDataset
+    from zoo.eval.bgswap import bgswap_partners, swap_backgrounds
+
+    masks, backgrounds = test_ds.layers()
+    codes = (getattr(test_ds, "concepts", None) or {}).get("background")
+    partners = bgswap_partners(len(test_ds), codes, seed)
+    images = swap_backgrounds(test_ds.images, masks, backgrounds, partners)
+    return InMemoryImageDataset(test_ds.name, "test", images, test_ds.targets, test_ds.classes, test_ds.transform)
