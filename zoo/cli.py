@@ -19,6 +19,8 @@ EPILOG_EVAL = (
     "         zoo eval runs/simclr_shapes/model --data shapes --protocol rlp --clusters 8\n"
     "         zoo eval simclr_convnet_mnist5k --protocol fewshot --ways 5 --shots 1,5 --episodes 600\n"
     "         zoo eval simclr_convnet_mnist5k --data mnist5k_lt100 --protocol longtail\n"
+    "         zoo eval clip_convnet_shapes --protocol zeroshot --data shapes --json zs.json\n"
+    "         zoo eval clip_vitb32_openai --protocol zeroshot --data imagefolder --data-root imagenet/val\n"
     "         zoo eval runs/scan_mnist5k/model --protocol none --plots plots/ --run runs/scan_mnist5k"
 )
 EPILOG_LEADERBOARD = (
@@ -249,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="dataset folder (imagefolder, cifar10, ...)")
     p.add_argument("--protocol", default="knn,linear,kmeans",
                    help="comma list of knn, linear, kmeans (alias: cluster), fewshot, rlp (needs a dataset with "
-                        "concept labels: shapes), longtail (needs a *_lt dataset); none: plots only")
+                        "concept labels: shapes), longtail (needs a *_lt dataset), zeroshot (image-text models: prompted "
+                        "class names, top-1/top-5), retrieval (text->image recall, shapes_captions); none: plots only")
     p.add_argument("--json", help="write the metrics as JSON to this file")
     p.add_argument("--write-metrics", action="store_true", help="store the metrics in the model folder's config and card")
     _add_protocol_options(p)
