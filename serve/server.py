@@ -761,6 +761,10 @@ def create_app(
 
         return await asyncio.to_thread(prepare), names
 
+    from serve.text import register_text_routes  # text towers of image-text models (serve/text.py)
+
+    app.state.zoo["text"] = register_text_routes(app, models, index, timed)
+
     # ---- KServe v2 / Triton
     @app.get("/v2", tags=["kserve-v2"])
     async def server_metadata() -> dict[str, Any]:
@@ -865,8 +869,14 @@ def create_app(
     async def classify(
         file: UploadFile = File(..., description="image to assign to a cluster"),
         model: str | None = Query(None, description="served model (default: the first)"),
+        labels: str | None = Query(None, description="zero-shot: comma-separated class names (image-text models)"),
     ) -> dict[str, Any]:
         mdl = get_model(model or default.name)
+        if labels is not None:  # zero-shot over the user's labels (serve/text.py), checked before the image
+            text_api = app.state.zoo["text"]
+            wanted = text_api.labels(mdl, labels)
+            x, names = await images_from_uploads(mdl, [file])
+            return await timed(text_api.classify(mdl, x, names[0], wanted))
         if "cluster_probs" not in mdl.output_names:
             raise ApiError(400, f"model {mdl.name!r} has no cluster head, so /classify cannot assign clusters; "
                                 "serve a model with one (e.g. scan_convnet_mnist5k) or use /embed + /search")
@@ -985,6 +995,11 @@ def _build_embedded(args: argparse.Namespace) -> tuple[FastAPI, dict[str, Any]]:
 
         model = load_model(args.model)  # registered name (pretrained when it has weights), folder, hf-hub:
         encoder = OnnxEncoder(onnx_for_model(model), threads=args.threads)
+    encoders = [encoder]
+    if model is not None and hasattr(model, "embed_text"):  # image-text model: its text tower beside it
+        from serve.onnx_text import OnnxTextEncoder, text_onnx_for_model
+
+        encoders.append(OnnxTextEncoder(text_onnx_for_model(model), threads=args.threads))
     info["model"] = encoder.name
     data = args.data or encoder.pretrained_cfg.get("dataset")
     index = None
@@ -1014,7 +1029,7 @@ def _build_embedded(args: argparse.Namespace) -> tuple[FastAPI, dict[str, Any]]:
 
         index = build_index(model, data=data, split="test")
         info["index"] = f"{data} test split, in memory ({index.ntotal} items)"
-    app = create_app(encoder, index, api_key=args.api_key, max_batch_size=args.max_batch_size,
+    app = create_app(encoders, index, api_key=args.api_key, max_batch_size=args.max_batch_size,
                      max_queue_delay_ms=args.max_queue_delay_ms, max_body_bytes=int(args.max_body_mb * 2**20),
                      timeout_s=args.timeout_s, demo_mount=demo_mount)
     for served in app.state.zoo["models"].values():
