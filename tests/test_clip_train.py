@@ -134,6 +134,8 @@ def test_retrieval_matches_brute_force(shipped):
 def test_shipped_model_meets_the_bar_and_its_record(shipped):
     m = shipped.pretrained_cfg["metrics"]
     assert m["zeroshot_top1[shape]"] >= 0.9 and m["zeroshot_top1[colour]"] >= 0.9 and m["t2i_recall@10"] >= 0.9
-    got = zoo.eval.evaluate(shipped, "shapes_captions", protocols="zeroshot,retrieval", progress=False)
+    from zoo.eval import evaluate
+
+    got = evaluate(shipped, "shapes_captions", protocols="zeroshot,retrieval", progress=False)
     for key in ("zeroshot_top1[shape]", "zeroshot_top1[colour]", "t2i_recall@10"):
         assert got[key] == pytest.approx(m[key], abs=1e-3), key
