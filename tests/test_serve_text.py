@@ -58,19 +58,22 @@ def live(towers, data, clip):
         yield srv
 
 
-def test_both_towers_export_with_parity(clip, towers, tmp_path):
+def test_both_towers_export_with_parity(clip, towers, tmp_path, monkeypatch):
     image, text = towers
     assert check_parity(clip, image)["max_abs_diff"] < 1e-4
     assert check_text_parity(clip, text) < 1e-4
     assert text.name == f"{MODEL}_text" and text.input_shape == (16,) and text.embed_dim == 64
-    import os
-
-    os.environ.setdefault("ZOO_CACHE", str(tmp_path))
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
     image_dir, text_dir = write_clip_repository(clip, tmp_path / "repo")
     assert image_dir.name == MODEL and text_dir.name == f"{MODEL}_text"
     cfg = (text_dir / "config.pbtxt").read_text()
     assert 'name: "tokens"' in cfg and "TYPE_INT64" in cfg and "dims: [ 16 ]" in cfg and 'name: "text_features"' in cfg
     assert (text_dir / "1" / "model.onnx").is_file() and (image_dir / "1" / "model.onnx").is_file()
+    from zoo.cli import main
+
+    assert main(["triton", MODEL, "--out", str(tmp_path / "cli_repo")]) == 0  # the CLI writes both towers
+    assert sorted(p.name for p in (tmp_path / "cli_repo").iterdir()) == [MODEL, f"{MODEL}_text"]
+    assert OnnxTextEncoder(tmp_path / "cli_repo" / f"{MODEL}_text" / "1" / "model.onnx").embed_dim == 64
 
 
 def test_embed_text_matches_model(live, clip):
