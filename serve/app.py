@@ -118,6 +118,11 @@ def build_embedded(args: argparse.Namespace) -> tuple[FastAPI, dict[str, Any]]:
     else:
         model = load_model(args.model)  # registered name (pretrained when it has weights), folder, hf-hub:
         encoder = OnnxEncoder(onnx_for_model(model), threads=args.threads)
+    encoders = [encoder]
+    if model is not None and hasattr(model, "embed_text"):  # image-text model: its text tower beside it
+        from serve.onnx_text import OnnxTextEncoder, text_onnx_for_model
+
+        encoders.append(OnnxTextEncoder(text_onnx_for_model(model), threads=args.threads))
     info["model"] = encoder.name
     source = image_source(args, encoder.pretrained_cfg, have_model=model is not None)
     want_demo = not args.no_demo
@@ -176,7 +181,7 @@ def build_embedded(args: argparse.Namespace) -> tuple[FastAPI, dict[str, Any]]:
         else:
             _no_demo_route(app, demo_why)
 
-    app = create_app(encoder, index, api_key=args.api_key, max_batch_size=args.max_batch_size,
+    app = create_app(encoders, index, api_key=args.api_key, max_batch_size=args.max_batch_size,
                      max_queue_delay_ms=args.max_queue_delay_ms, max_body_bytes=int(args.max_body_mb * 2**20),
                      timeout_s=args.timeout_s, demo_mount=demo_mount)
     for served in app.state.zoo["models"].values():

@@ -758,6 +758,10 @@ def build_demo(session: ClusterSession, gallery_size: int = 16, default_k: int =
             neighbours = gr.Gallery(label="Nearest neighbours", columns=8, height="auto", object_fit="contain",
                                     elem_id="neighbours")
             nn_json = gr.JSON(label="Neighbours", max_height=240, elem_id="neighbours-json")
+        if hasattr(session.model, "embed_text"):  # image-text model: search by words, name clusters (demo_text.py)
+            from serve.demo_text import add_text_tab
+
+            add_text_tab(session, summary, galleries, gallery_label, _guard)
         with gr.Tab("Map", elem_id="tab-map") as map_tab:
             with gr.Row():
                 map_method = gr.Radio([("PCA", "pca"), ("t-SNE", "tsne")], value="pca", label="projection",

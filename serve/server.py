@@ -719,6 +719,10 @@ def create_app(
             del x
         return np.concatenate(parts), names
 
+    from serve.text import register_text_routes  # text towers of image-text models (serve/text.py)
+
+    app.state.zoo["text"] = register_text_routes(app, models, index, timed)
+
     # ---- KServe v2 / Triton
     @app.get("/v2", tags=["kserve-v2"])
     async def server_metadata() -> dict[str, Any]:
@@ -860,8 +864,20 @@ def create_app(
         file: list[UploadFile] | None = File(None, description=upload_doc),
         files: list[UploadFile] | None = File(None, description=upload_doc),
         model: str | None = Query(None, description="served model (default: the first)"),
+        labels: str | None = Query(None, description="zero-shot: comma-separated class names (image-text models)"),
     ) -> dict[str, Any]:
         mdl = get_model(model or default.name)
+        if labels is not None:  # zero-shot over the user's labels (serve/text.py), checked before the image
+            text_api = app.state.zoo["text"]
+            wanted = text_api.labels(mdl, labels)
+            uploads = uploads_of(file, files)
+            if len(uploads) != 1:
+                raise ApiError(400, f"zero-shot /classify takes one image per request, got {len(uploads)}")
+            name = uploads[0].filename or "file0"
+            data = await uploads[0].read()
+            x = await off_loop(partial(decode_and_preprocess, data, mdl.preprocessor, max_pixels=max_pixels,
+                                       name=name))
+            return await timed(text_api.classify(mdl, x[None], name, wanted))
         if "cluster_probs" not in mdl.output_names:
             raise ApiError(400, f"model {mdl.name!r} has no cluster head, so /classify cannot assign clusters; "
                                 "serve a model with one (e.g. scan_convnet_mnist5k) or use /embed + /search")

@@ -199,6 +199,9 @@ def cli_triton(args: argparse.Namespace) -> int:
     )
     repo = Path(args.out).resolve()
     print(f"wrote {folder}/config.pbtxt and {folder}/1/model.onnx")
+    text = _write_text_tower(args)  # an image-text model: its text tower is a second model of the repository
+    if text is not None:
+        print(f"wrote {text}/config.pbtxt and {text}/1/model.onnx (text tower: tokens -> text_features)")
     print((folder / "config.pbtxt").read_text(encoding="utf-8").rstrip())
     print(
         "\nserve it with Triton's onnxruntime backend (NVIDIA container), e.g.\n"
@@ -207,6 +210,21 @@ def cli_triton(args: argparse.Namespace) -> int:
         "or, without the container: zoo serve --backend triton (PyTriton)"
     )
     return 0
+
+
+def _write_text_tower(args: argparse.Namespace) -> Path | None:
+    if str(args.model).endswith(".onnx"):
+        return None
+    from serve.onnx import load_model
+
+    model = load_model(str(args.model))
+    if not hasattr(model, "embed_text"):
+        return None
+    from serve.onnx_text import text_onnx_for_model
+
+    return write_model_repository(text_onnx_for_model(model), args.out, max_batch_size=args.max_batch_size,
+                                  max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
+                                  kind=args.kind)
 
 
 # ----------------------------------------------------------------------------- PyTriton

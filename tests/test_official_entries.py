@@ -20,7 +20,9 @@ from tests.test_convert import DinoViT, ScanClusteringModel, _prefixed, _randomi
 from zoo.registry import hub_checkpoint_path
 
 REPO = Path(__file__).resolve().parents[1]
-OFFICIAL = [n for n in zoo.list_models() if (zoo.model_info(n)["weights_source"] or "").startswith("url:")]
+# CLIP releases (TorchScript archives, open_clip state dicts) are covered by tests/test_clip_models.py
+OFFICIAL = [n for n in zoo.list_models() if (zoo.model_info(n)["weights_source"] or "").startswith("url:")
+            and zoo.model_info(n)["architecture"] not in zoo.clip.CLIP_ARCHES]
 
 
 def _resnet50(seed: int) -> nn.Module:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 # Kept here (not read from the registry) so `zoo --help` does not import torch; a test keeps it in sync.
 METHOD_NAMES = ("simclr", "moco", "byol", "swav", "sela", "deepcluster", "pcl", "scan", "dcl", "nnclr", "mochi",
-                "supcon", "paco", "bcl", "supervised")
+                "supcon", "paco", "bcl", "supervised", "clip")
 METHOD_NAMES += ("iif", "cmo", "tsc", "rescom", "boosted", "oupn", "simclr_stream")  # long-tailed, online
 
 EPILOG = """examples:

@@ -3,9 +3,12 @@
 >>> import zoo
 >>> model = zoo.create_model("simclr_convnet_mnist5k", pretrained=True)
 >>> features = model.embed(images)  # [B, D], L2-normalised
+>>> clip = zoo.create_model("clip_vitb32_openai", pretrained=True)  # downloads once, then offline
+>>> text = clip.embed_text(["a photo of a dog"])  # [N, D] in the image embeddings' space
 """
 
 from zoo.checkpoint import CheckpointError, load_model_folder, save_model_folder
+from zoo.clip import ClipModel
 from zoo.hub import publish
 from zoo.model import ZooModel
 from zoo.registry import (
@@ -36,6 +39,7 @@ def load(name_or_folder: str) -> ZooModel:
 
 __all__ = [
     "CheckpointError",
+    "ClipModel",
     "ModelEntry",
     "ZooModel",
     "create_model",

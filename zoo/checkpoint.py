@@ -246,11 +246,12 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def model_from_config(config: dict[str, Any]):
-    from zoo.model import ZooModel
+    from zoo.model import model_class
 
     cfg = {k: v for k, v in config.items() if k not in ("format_version",)}
-    return ZooModel(
-        arch=cfg.pop("architecture"),
+    arch = cfg.pop("architecture")
+    return model_class(arch)(
+        arch=arch,
         arch_kwargs=cfg.pop("arch_kwargs", {}),
         num_clusters=cfg.pop("num_clusters", None),
         num_cluster_heads=cfg.pop("num_cluster_heads", 1),

@@ -21,6 +21,8 @@ EPILOG_EVAL = (
     "         zoo eval simclr_convnet_mnist5k --data mnist5k_lt100 --protocol longtail\n"
     "         zoo eval simclr_convnet_mnist5k --protocol lowlabel --fractions 0.01,0.1\n"
     "         zoo eval runs/simclr_shapes/model --data shapes --protocol bgswap\n"
+    "         zoo eval clip_convnet_shapes --protocol zeroshot --data shapes --json zs.json\n"
+    "         zoo eval clip_vitb32_openai --protocol zeroshot --data imagefolder --data-root imagenet/val\n"
     "         zoo eval runs/scan_mnist5k/model --protocol none --plots plots/ --run runs/scan_mnist5k"
 )
 EPILOG_LEADERBOARD = (
@@ -259,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="knn,linear,kmeans",
                    help="comma list of knn, linear, kmeans (alias: cluster), fewshot, rlp (needs a dataset with "
                         "concept labels: shapes), longtail (needs a *_lt dataset), lowlabel (1 %% / 10 %% labels), "
-                        "bgswap (shapes: backgrounds swapped by exact masks); none: plots only")
+                        "bgswap (shapes: backgrounds swapped by exact masks), zeroshot (image-text models: prompted "
+                        "class names, top-1/top-5), retrieval (text->image recall, shapes_captions); none: plots only")
     p.add_argument("--fractions", type=_fractions, default=None,
                    help="lowlabel: comma list of labelled fractions of the train split (default 0.01,0.1)")
     p.add_argument("--json", help="write the metrics as JSON to this file")

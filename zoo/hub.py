@@ -27,6 +27,9 @@ METRIC_NAMES = {
     "head_acc": "cluster head ACC",
     "head_nmi": "cluster head NMI",
     "head_ari": "cluster head ARI",
+    "zeroshot_top1": "zero-shot top-1",
+    "zeroshot_top5": "zero-shot top-5",
+    "t2i_recall@10": "text-to-image recall@10",
 }
 
 

@@ -81,3 +81,10 @@ class ZooModel(nn.Module):
     def config(self) -> dict[str, Any]:
         """The config.json content describing this model (architecture + pretrained config)."""
         return copy.deepcopy(self.pretrained_cfg)
+
+
+def model_class(arch: str) -> type[ZooModel]:
+    """The model class for an architecture name: :class:`zoo.clip.ClipModel` for CLIP ones."""
+    from zoo.clip import CLIP_ARCHES, ClipModel  # lazy: zoo.clip imports this module
+
+    return ClipModel if arch in CLIP_ARCHES else ZooModel

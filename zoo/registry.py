@@ -34,7 +34,7 @@ from zoo.checkpoint import (
     load_model_folder,
     read_config,
 )
-from zoo.model import ZooModel
+from zoo.model import ZooModel, model_class
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -235,7 +235,7 @@ def create_model(name: str, pretrained: bool = False, **overrides: Any) -> ZooMo
     cfg = entry.pretrained_cfg()
     cfg["weights_source"] = None
     cfg["metrics"] = {}
-    return ZooModel(
+    return model_class(entry.arch)(
         entry.arch,
         arch_kwargs=arch_kwargs,
         num_clusters=overrides.get("num_clusters", entry.num_clusters),
@@ -471,5 +471,48 @@ def _register_official() -> None:
         register_model(ModelEntry(**spec, **preprocess, weights=f"url:{url}", metrics=metrics))
 
 
+# CLIP (image-text) releases through open_clip. OpenAI's files are TorchScript archives, read without
+# running them (zoo.convert.clip); LAION's is an open_clip safetensors state dict on the Hugging Face Hub.
+# Zero-shot ImageNet-1k top-1 as open_clip publishes it (docs/openclip_results.csv, CLIP_benchmark,
+# OpenAI's 80 prompt templates), which agrees with the CLIP paper for the OpenAI models.
+_CLIP_PRE = dict(input_size=(3, 224, 224), mean=(0.48145466, 0.4578275, 0.40821073),
+                 std=(0.26862954, 0.26130258, 0.27577711), crop_pct=1.0, interpolation="bicubic")
+_CLIP_PUBLISHED = ("published in open_clip's results table (docs/openclip_results.csv, CLIP_benchmark) for these "
+                   "weights; ImageNet-1k val, zero-shot with the CLIP paper's 80 prompt templates")
+_OPENAI_CLIP = "https://openaipublic.azureedge.net/clip/models"
+CLIP_MODELS: list[dict[str, Any]] = [
+    dict(name="clip_rn50_openai", model_name="RN50-quickgelu", fmt="openai_clip", top1=0.5982, data="WIT-400M",
+         url=f"{_OPENAI_CLIP}/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+         license="MIT", source_url="https://github.com/openai/CLIP",
+         description="OpenAI CLIP ResNet-50 (attention pooling), image and text towers (official release)"),
+    dict(name="clip_vitb32_openai", model_name="ViT-B-32-quickgelu", fmt="openai_clip", top1=0.6332, data="WIT-400M",
+         url=f"{_OPENAI_CLIP}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+         license="MIT", source_url="https://github.com/openai/CLIP",
+         description="OpenAI CLIP ViT-B/32, image and text towers (official release)"),
+    dict(name="clip_vitb16_openai", model_name="ViT-B-16-quickgelu", fmt="openai_clip", top1=0.6834, data="WIT-400M",
+         url=f"{_OPENAI_CLIP}/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+         license="MIT", source_url="https://github.com/openai/CLIP",
+         description="OpenAI CLIP ViT-B/16, image and text towers (official release)"),
+    dict(name="clip_vitb32_laion2b", model_name="ViT-B-32", fmt="open_clip", top1=0.6656, data="LAION-2B",
+         url="https://huggingface.co/laion/CLIP-ViT-B-32-laion2B-s34B-b79K/resolve/main/open_clip_model.safetensors",
+         checkpoint_name="clip_vitb32_laion2b_s34b_b79k.safetensors", license="MIT",
+         source_url="https://huggingface.co/laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+         description="OpenCLIP ViT-B/32 trained on LAION-2B (laion2b_s34b_b79k), image and text towers"),
+]
+
+
+def _register_clip() -> None:
+    for spec in CLIP_MODELS:
+        register_model(ModelEntry(
+            name=spec["name"], arch="open_clip", arch_kwargs={"model_name": spec["model_name"]}, method="clip",
+            dataset=spec["data"], license=spec["license"], weights=f"url:{spec['url']}", description=spec["description"],
+            metrics={"zeroshot_top1": spec["top1"], "split": "validation", "data": "imagenet-1k",
+                     "protocol": _CLIP_PUBLISHED},
+            convert_format=spec["fmt"], source_url=spec["source_url"], checkpoint_name=spec.get("checkpoint_name"),
+            **_CLIP_PRE,
+        ))
+
+
 _register_builtin()
 _register_official()
+_register_clip()

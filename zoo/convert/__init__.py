@@ -7,7 +7,8 @@
 Formats (one small module each): ``moco`` (MoCo v1/v2), ``swav`` (SwAV, DeepCluster-v2, SeLa-v2;
 aliases ``deepcluster_v2`` / ``sela_v2`` set the method), ``dino`` (ViT or ResNet, teacher preferred),
 ``scan`` (pretext / scan / selflabel, cluster heads kept), ``solo`` (solo-learn ``.ckpt``) and
-``lightly``. Projection / prototype heads are left behind and counted in the config's
+``lightly``; CLIP releases: ``openai_clip`` (OpenAI's TorchScript archives, read without running them)
+and ``open_clip`` (LAION state dicts), see :mod:`zoo.convert.clip`. Projection / prototype heads are left behind and counted in the config's
 ``dropped_keys``; ``keep_head=True`` writes them to ``heads.safetensors`` next to the model instead.
 
 Loading never runs code from the file: ``torch.load(weights_only=True)`` (``.safetensors`` through
@@ -34,6 +35,7 @@ import torch
 from zoo.checkpoint import CheckpointError, atomic_save_tensors, save_model_folder
 from zoo.convert import dino, lightly_ckpt, moco, scan, solo, swav
 from zoo.convert.check import ConversionCheck, account, index_tensors, left_behind
+from zoo.convert.clip import CLIP_FORMATS, convert_clip
 from zoo.convert.common import (
     Extracted,
     Hints,
@@ -121,8 +123,12 @@ def convert(
     of the file's or documented absent, each tensor of the file is used or listed as left behind.
     """
     fmt = (fmt or "auto").lower()
+    if fmt in CLIP_FORMATS:  # image-text releases: their own reader (TorchScript archives, open_clip dicts)
+        path, weights_source = _resolve_source(src)
+        return convert_clip(path, fmt, dict(arch_kwargs or {}), name or _default_name(path), out, weights_source)
     if fmt != "auto" and fmt not in _FAMILIES and fmt not in ALIASES:
-        raise ValueError(f"unknown checkpoint format {fmt!r}; known: {', '.join(('auto', *FORMATS, *ALIASES))}")
+        known = ", ".join(("auto", *FORMATS, *ALIASES, *CLIP_FORMATS))
+        raise ValueError(f"unknown checkpoint format {fmt!r}; known: {known}")
     path, weights_source = _resolve_source(src)
     ckpt = load_checkpoint(path)
     family, method, fmt_from = _resolve_format(fmt, ckpt, path)

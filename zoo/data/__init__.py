@@ -24,7 +24,8 @@ from zoo.data.longtail import longtail_names
 from zoo.data.presets import DATASET_PRESETS, IMAGENET_MEAN, IMAGENET_STD
 from zoo.data.transforms import ImageTransform, eval_transform, pil_to_rgb, raw_transform, transform_for
 
-_DATASETS = ("cifar10", "cifar100", "digits", "imagefolder", "mnist5k", "shapes", "stl10", *longtail_names())
+_DATASETS = ("cifar10", "cifar100", "digits", "imagefolder", "mnist5k", "shapes", "shapes_captions", "stl10",
+             *longtail_names())
 _LONGTAIL = frozenset(longtail_names())
 SPLITS = ("train", "test")
 
@@ -61,6 +62,8 @@ def load_dataset(
     by those that ship with installed packages or are generated. Extra keyword arguments:
 
     - ``shapes``: ``seed=0``, ``n_train=3000``, ``n_test=1000``.
+    - ``shapes_captions``: the ``shapes`` arguments plus ``captions_per_image=5``; items as ``shapes``,
+      with ``.captions[i]`` (captions of image i, :mod:`zoo.data.captions`).
     - ``imagefolder``: ``root`` (required; ``split`` is ignored), ``full_check=False``, ``progress=False``
       (a progress bar over the file checks).
     - ``cifar10``, ``cifar100``, ``stl10``: ``root`` (default ``$ZOO_DATA`` or
@@ -107,6 +110,11 @@ def load_dataset(
 
         no_extra(("seed", "n_train", "n_test"))
         return load_shapes(split, transform, **kwargs)
+    if name == "shapes_captions":
+        from zoo.data.captions import load_shapes_captions
+
+        no_extra(("seed", "n_train", "n_test", "captions_per_image"))
+        return load_shapes_captions(split, transform, **kwargs)
     if name == "imagefolder":
         from zoo.data.folder import ImageFolderDataset
 

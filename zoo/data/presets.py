@@ -41,6 +41,7 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
     "mnist5k": _preset(28, (0.1307,) * 3, (0.3081,) * 3, 10),
     "digits": _preset(8, (0.3052,) * 3, (0.3760,) * 3, 10),
     "shapes": _preset(32, (0.4938, 0.4898, 0.4944), (0.4105, 0.4105, 0.4105), 4),
+    "shapes_captions": _preset(32, (0.4938, 0.4898, 0.4944), (0.4105, 0.4105, 0.4105), 4),  # the shapes images
     "cifar10": _preset(32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10),
     "cifar100": _preset(32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 100),
     "stl10": _preset(96, IMAGENET_MEAN, IMAGENET_STD, 10),

@@ -3,10 +3,12 @@
 Default protocols (:data:`PROTOCOLS`): kNN, linear probe, k-means (plus the cluster head whenever
 the model has one). Others, asked for by name (:data:`ALL_PROTOCOLS`): ``rlp`` (reverse linear
 probing of the dataset's concept labels, :mod:`zoo.eval.rlp`), ``fewshot`` (N-way K-shot nearest
-centroid, :mod:`zoo.eval.fewshot`) and ``longtail`` (many/medium/few-shot accuracy on a ``*_lt``
+centroid, :mod:`zoo.eval.fewshot`), ``longtail`` (many/medium/few-shot accuracy on a ``*_lt``
 dataset, :mod:`zoo.eval.longtail`), ``lowlabel`` (linear probe and kNN on fixed 1 % / 10 % labelled
-subsets, :mod:`zoo.eval.lowlabel`) and ``bgswap`` (accuracy with backgrounds swapped between test
-images by their exact masks, ``shapes`` only, :mod:`zoo.eval.bgswap`).
+subsets, :mod:`zoo.eval.lowlabel`), ``bgswap`` (accuracy with backgrounds swapped between test
+images by their exact masks, ``shapes`` only, :mod:`zoo.eval.bgswap`), and for image-text models
+``zeroshot`` (prompted class names) and ``retrieval`` (text-to-image recall on held-out captions),
+:mod:`zoo.eval.zeroshot`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from zoo.eval.metrics import cluster_metrics
 __all__ = ["ALL_PROTOCOLS", "PROTOCOLS", "evaluate", "evaluate_features"]
 
 PROTOCOLS: tuple[str, ...] = ("knn", "linear", "kmeans")  # the default set
-ALL_PROTOCOLS: tuple[str, ...] = (*PROTOCOLS, "fewshot", "rlp", "longtail", "lowlabel", "bgswap")
+ALL_PROTOCOLS: tuple[str, ...] = (*PROTOCOLS, "fewshot", "rlp", "longtail", "lowlabel", "bgswap", "zeroshot",
+                                  "retrieval")
+_TEXT_PROTOCOLS = ("zeroshot", "retrieval")  # image-text models only (zoo.eval.zeroshot)
 _NEEDS_TRAIN = frozenset({"knn", "linear", "rlp", "longtail", "lowlabel", "bgswap"})
 _FEWSHOT_SHOTS = (1, 5)
 
@@ -218,6 +222,21 @@ def evaluate(
                 f"the longtail protocol needs a long-tailed dataset (<base>_lt<imbalance>, e.g. mnist5k_lt100), "
                 f"got {dataset!r}"
             )
+    text_results: dict[str, Any] = {}
+    text_parts: list[str] = []
+    if set(_TEXT_PROTOCOLS) & set(protocols):
+        from zoo.eval.zeroshot import retrieval_eval, zeroshot_eval
+
+        opts = dict(batch_size=batch_size, device=device, progress=progress, **dataset_kwargs)
+        if "zeroshot" in protocols:
+            text_results.update(zeroshot_eval(model, dataset, **opts))
+            text_parts.append("zero-shot: nearest class embedding (mean over the dataset's prompt templates), test")
+        if "retrieval" in protocols:
+            text_results.update(retrieval_eval(model, dataset, **opts))
+            text_parts.append("retrieval: held-out test captions -> test images, relevant = same named concepts")
+        protocols = tuple(p for p in protocols if p not in _TEXT_PROTOCOLS)
+        if not protocols:
+            return {**text_results, "dataset": dataset, "split": "test", "protocol": "; ".join(text_parts)}
     transform = transform_for(model)
     opts = dict(batch_size=batch_size, device=device, progress=progress)
     test_ds = load_dataset(dataset, "test", transform=transform, **dataset_kwargs)
@@ -248,11 +267,11 @@ def evaluate(
     num_classes = int(np.unique(test["labels"]).shape[0])
     fewshot = ", ".join(k_ for k_ in results if k_.startswith("fewshot_") and not k_.endswith("_ci95"))
     fewshot = f"{fewshot_episodes} seeded {fewshot.replace('fewshot_', '')}".strip()
-    results.update(
-        dataset=dataset,
-        split="test",
-        protocol=_protocol_string(protocols, k, temperature, num_classes, rlp_clusters, fewshot),
-    )
+    protocol = _protocol_string(protocols, k, temperature, num_classes, rlp_clusters, fewshot)
+    if text_results:
+        results.update(text_results)
+        protocol = "; ".join([protocol, *text_parts])
+    results.update(dataset=dataset, split="test", protocol=protocol)
     return results
 
 
