@@ -207,7 +207,7 @@ def test_image_source_for_every_registered_model(tmp_path, monkeypatch):
         cfg = zoo.model_info(name)
         src = image_source(_args("--model", name), cfg, have_model=True)
         dataset = cfg.get("dataset")
-        if dataset in ("mnist5k", "digits", "shapes"):
+        if dataset in ("mnist5k", "digits", "shapes", "shapes_captions"):  # bundled / generated
             assert src.data == dataset and not src.why_none, name
         else:
             assert src.data is None and src.images is None and src.why_none, name
