@@ -11,7 +11,9 @@ Fields: ``id`` (INT64 primary key: the stable id), ``vector`` (FLOAT_VECTOR, L2-
 ``item`` (VARCHAR), ``label`` (INT64, ``-1`` when unknown). The metric is inner product (cosine).
 The index type is chosen by the same ``auto`` rule as faiss (:mod:`serve.index.auto`) and mapped to
 Milvus's (``FLAT``, ``HNSW`` with M=32/efConstruction=64, ``IVF_FLAT`` / ``IVF_PQ`` with the same
-``nlist``); ``ef``/``nprobe`` are tuned the same way, on held-out vectors, for recall@10 >= target.
+``nlist``); ``ef``/``nprobe`` are tuned by the same ladder for recall@10 >= target, on a random
+sample of the indexed vectors, each left out of its own results (leave-one-out, on the finished
+collection: Milvus indexes each segment on its own, so the final segment layout is what is tuned).
 What faiss keeps in ``meta.json`` lives in the collection's properties (``zoo.*``): model name and
 source, preprocessing, index type, search parameters, ``next_id``, the build record. Ids are
 reserved (``zoo.next_id`` raised) before the rows are inserted, so they are never reused, even
@@ -321,35 +323,25 @@ class MilvusIndex(FeatureIndex):
                 "has_labels": "1" if lab is not None else "0", "fingerprint": fingerprint, "meta": "{}",
             })
         t0 = time.perf_counter()
-        rng = np.random.default_rng(seed)
-        n_tune = 0 if kind == "flat" or n < 2 * TUNE_K else min(TUNE_QUERIES, n // 10)
-        held = np.sort(rng.choice(n, n_tune, replace=False)) if n_tune else np.zeros(0, np.int64)
-        in_index = np.ones(n, dtype=bool)
-        in_index[held] = False
-        early = np.intersect1d(present, held)
-        if len(early):  # killed while adding the tuning queries: take them out again, tuning must not see them
-            client.delete(staging, ids=early.tolist())
-            present = np.setdiff1d(present, early)
-        todo = np.setdiff1d(np.flatnonzero(in_index), present)
+        todo = np.setdiff1d(np.arange(n), present)
         cls._insert(client, staging, x, todo, todo, items, lab, progress, f"inserting into {staging}", hooks)
         client.flush(staging)
-        client.load_collection(staging)
         _wait_indexed(client, staging, progress)  # tune the index itself, not a brute-force fallback
         build_s = time.perf_counter() - t0
+        # Tuned on the final collection, leave-one-out: Milvus indexes each segment separately, so rows
+        # held out and added after tuning would land in a small segment of their own, indexed differently.
+        rng = np.random.default_rng(seed)
+        n_tune = 0 if kind == "flat" or n < 2 * TUNE_K else min(TUNE_QUERIES, n // 10)
+        sample = np.sort(rng.choice(n, n_tune, replace=False)) if n_tune else np.zeros(0, np.int64)
         t1 = time.perf_counter()
 
         def raw(q: np.ndarray, k: int, p: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
             return _raw_search(client, staging, kind, q, k, p, ["id"])[:2]
 
-        tuning = tune_search_param(kind, raw, x, held, in_index, target_recall, nlist=params.get("nlist"),
-                                   progress=progress)
+        tuning = tune_search_param(kind, raw, x, sample, np.ones(n, dtype=bool), target_recall,
+                                   nlist=params.get("nlist"), progress=progress, leave_one_out=True)
         tune_s = time.perf_counter() - t1
         search_params = tuning.pop("params")
-        t2 = time.perf_counter()
-        cls._insert(client, staging, x, held, held, items, lab, progress, "inserting the tuning rows", hooks)
-        client.flush(staging)
-        _wait_indexed(client, staging, progress)
-        build_s += time.perf_counter() - t2
         meta = {
             "model_source": model_source or model_name,
             "build_params": {k: v for k, v in params.items() if k != "estimated_bytes"},
@@ -607,7 +599,15 @@ def _raw_search(client: Any, name: str, kind: str, q: np.ndarray, k: int, params
 
 
 def _wait_indexed(client: Any, name: str, progress: bool, timeout_s: float = 3600.0) -> None:
-    """Wait until Milvus has built the index of every sealed segment (it builds them in the background)."""
+    """Wait until Milvus has built the index of every sealed segment.
+
+    Milvus builds them in the background after a flush and searches a segment without its index by
+    brute force meanwhile. Loading a released collection builds (or reads) every segment's index
+    before it returns (Milvus Lite reports its indexes finished at once, so this is what waits there);
+    a cluster also reports pending rows, polled below.
+    """
+    client.release_collection(name)
+    client.load_collection(name)
     t0 = time.perf_counter()
     while True:
         desc = client.describe_index(name, "vector")
