@@ -326,6 +326,7 @@ class MilvusIndex(FeatureIndex):
         todo = np.setdiff1d(np.arange(n), present)
         cls._insert(client, staging, x, todo, todo, items, lab, progress, f"inserting into {staging}", hooks)
         client.flush(staging)
+        cls._create_index(client, staging, params)
         _wait_indexed(client, staging, progress)  # tune the index itself, not a brute-force fallback
         build_s = time.perf_counter() - t0
         # Tuned on the final collection, leave-one-out: Milvus indexes each segment separately, so rows
@@ -366,6 +367,8 @@ class MilvusIndex(FeatureIndex):
 
     @staticmethod
     def _create(client: Any, name: str, d: int, params: Mapping[str, Any], props: Mapping[str, str]) -> None:
+        """The collection, without its vector index yet: it is created once the rows are in
+        (:meth:`_create_index`), so each segment's index is built once, not as every flush seals it."""
         from pymilvus import DataType
 
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -373,6 +376,13 @@ class MilvusIndex(FeatureIndex):
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=d)
         schema.add_field("item", DataType.VARCHAR, max_length=MAX_ITEM)
         schema.add_field("label", DataType.INT64)
+        client.create_collection(name, schema=schema, consistency_level="Strong",
+                                 properties={PROP + k: v for k, v in props.items()})
+
+    @staticmethod
+    def _create_index(client: Any, name: str, params: Mapping[str, Any]) -> None:
+        if client.list_indexes(name):  # a resumed build whose index was already made
+            return
         kind = params["type"]
         build: dict[str, Any] = {}
         if kind == "hnsw":
@@ -383,8 +393,7 @@ class MilvusIndex(FeatureIndex):
                 build.update(m=int(params["pq_m"]), nbits=int(params["pq_nbits"]))
         index_params = client.prepare_index_params()
         index_params.add_index("vector", index_type=MILVUS_TYPES[kind], metric_type="IP", params=build)
-        client.create_collection(name, schema=schema, index_params=index_params, consistency_level="Strong",
-                                 properties={PROP + k: v for k, v in props.items()})
+        client.create_index(name, index_params)
 
     @staticmethod
     def _insert(client: Any, name: str, x: np.ndarray, rows: np.ndarray, ids: np.ndarray, items: Sequence[str],
