@@ -13,6 +13,13 @@ efSearch / nprobe for recall@10 >= ``--target-recall`` on its own held-out sampl
 with all queries in one batch (``qps`` = queries / wall time, ``--threads`` faiss threads).
 ``bytes_per_vector`` is the serialised faiss index size / N (``folder_bytes_per_vector`` adds
 ids/items/meta). Prints a Markdown table, writes JSON and a recall-vs-QPS plot.
+
+``--backends faiss,milvus`` builds every type on both backends from the same vectors in the same
+run: ``milvus`` is Milvus Lite (the embedded engine, in this process, through a ``.db`` folder in a
+temporary directory), built and tuned through the same ``FeatureIndex.build``; its
+``bytes_per_vector`` is the size of Milvus Lite's data folder (segments + WAL + index files) / N.
+
+    python benchmarks/index.py --sizes 100000 --types hnsw,ivf --backends faiss,milvus --threads 1
 """
 
 from __future__ import annotations
@@ -71,31 +78,43 @@ def replicate(base: np.ndarray, n: int, sigma: float, seed: int) -> np.ndarray:
     return out
 
 
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def run_one(kind: str, db: np.ndarray, queries: np.ndarray, truth: np.ndarray, args: argparse.Namespace,
-            items: list[str], source: np.ndarray, n_base: int) -> dict:
+            items: list[str], source: np.ndarray, n_base: int, backend: str = "faiss") -> dict:
     from serve.index import FeatureIndex
 
-    t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        idx = FeatureIndex.build(db, items, args.model, {}, index_type=kind, target_recall=args.target_recall,
-                                 memory_budget_mb=args.memory_budget_mb)
-    total_build = time.perf_counter() - t0
-    idx.search(queries[:10], 10)  # warm-up
-    t1 = time.perf_counter()
-    res = idx.search(queries, 10)
-    search_s = time.perf_counter() - t1
-    recall = float(np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(res.ids, truth)]))
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        options = {"uri": str(Path(tmp) / "bench.db"), "collection": "bench"} if backend == "milvus" else {}
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            idx = FeatureIndex.build(db, items, args.model, {}, index_type=kind, target_recall=args.target_recall,
+                                     memory_budget_mb=args.memory_budget_mb, backend=backend, **options)
+        total_build = time.perf_counter() - t0
+        idx.search(queries[:10], 10)  # warm-up
+        t1 = time.perf_counter()
+        res = idx.search(queries, 10)
+        search_s = time.perf_counter() - t1
+        recall = float(np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(res.ids, truth)]))
         folder = idx.save(Path(tmp) / "idx")
-        index_bytes = (folder / "index.faiss").stat().st_size
-        folder_bytes = sum(p.stat().st_size for p in folder.iterdir())
+        info = idx.info()
+        if backend == "milvus":  # Milvus Lite's data folder: parquet segments, WAL, per-segment index files
+            idx.close()
+            index_bytes = _tree_bytes(Path(options["uri"]))
+            folder_bytes = index_bytes + _tree_bytes(folder)
+        else:
+            index_bytes = (folder / "index.faiss").stat().st_size
+            folder_bytes = sum(p.stat().st_size for p in folder.iterdir())
     n = len(db)
     row = {
+        "backend": backend,
         "type": kind,
         "n": n,
         "dim": int(db.shape[1]),
-        "faiss_index": idx.info()["faiss_index"],
+        "faiss_index": info.get("faiss_index") or f"Milvus {info['milvus_index'].get('index_type')}",
         "search_params": idx.search_params,
         "build_s": round(float(idx.meta["build_seconds"]), 2),
         "tune_s": round(float(idx.meta["tune_seconds"]), 2),
@@ -131,9 +150,10 @@ def plot(rows: list[dict], path: Path) -> None:
     markers = ["o", "s", "^", "D", "v"]
     sizes = sorted({r["n"] for r in rows})
     for r in rows:
-        ax.scatter(r["qps"], r["recall_at_10"], color=colors.get(r["type"], "k"),
-                   marker=markers[sizes.index(r["n"]) % len(markers)], s=60)
-        ax.annotate(f"{r['type']} {r['n'] // 1000}k", (r["qps"], r["recall_at_10"]), fontsize=7,
+        milvus = r.get("backend") == "milvus"  # hollow markers: the Milvus backend
+        ax.scatter(r["qps"], r["recall_at_10"], facecolors="none" if milvus else colors.get(r["type"], "k"),
+                   edgecolors=colors.get(r["type"], "k"), marker=markers[sizes.index(r["n"]) % len(markers)], s=60)
+        ax.annotate(f"{'milvus ' if milvus else ''}{r['type']} {r['n'] // 1000}k", (r["qps"], r["recall_at_10"]), fontsize=7,
                     xytext=(4, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("queries / s (batch, log scale)")
@@ -151,6 +171,9 @@ def main() -> None:
     parser.add_argument("--model", default="scan_convnet_mnist5k")
     parser.add_argument("--sizes", default="10000,100000", help="comma-separated N (e.g. 10000,100000,1000000)")
     parser.add_argument("--types", default="flat,hnsw,ivf,ivfpq")
+    parser.add_argument("--backends", default="faiss",
+                        help="comma-separated index backends, each built on the same vectors (faiss,milvus); "
+                             "milvus runs Milvus Lite (embedded, in-process) in a temporary folder")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--splits", default="train,test", help="mnist5k splits embedded as the base vectors")
     parser.add_argument("--noise", type=float, default=0.5, help="noise norm / median NN distance of real features")
@@ -170,6 +193,7 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     kinds = [k for k in args.types.split(",") if k]
+    backends = [b for b in args.backends.split(",") if b]
 
     t0 = time.perf_counter()
     base = real_features(args.model, tuple(args.splits.split(",")))
@@ -187,24 +211,32 @@ def main() -> None:
         items = [f"mnist5k/{i % len(base)}#{i // len(base)}" for i in range(n)]
         _, truth = faiss.knn(queries, db, 10, metric=faiss.METRIC_INNER_PRODUCT)
         for kind in kinds:
-            row = run_one(kind, db, queries, truth, args, items, source, len(base))
-            row["exact_same_source_at_10"] = round(float(np.mean(truth % len(base) == source[:, None])), 4)
-            rows.append(row)
-            print(f"  N={n} {kind}: build {row['build_total_s']} s, {row['qps']} q/s, recall@10 "
-                  f"{row['recall_at_10']}, {row['bytes_per_vector']} B/vector, {row['search_params']}", flush=True)
+            for backend in backends:
+                if backend == "milvus" and kind == "ivfpq":
+                    print(f"  N={n} ivfpq: skipped on milvus (Milvus Lite has no IVF_PQ)", flush=True)
+                    continue
+                row = run_one(kind, db, queries, truth, args, items, source, len(base), backend)
+                row["exact_same_source_at_10"] = round(float(np.mean(truth % len(base) == source[:, None])), 4)
+                rows.append(row)
+                print(f"  N={n} {backend} {kind}: build {row['build_total_s']} s, {row['qps']} q/s, recall@10 "
+                      f"{row['recall_at_10']}, {row['bytes_per_vector']} B/vector, {row['search_params']}", flush=True)
         del db, items
 
     if args.append and Path(args.json).is_file():
-        new = {(r["n"], r["type"]) for r in rows}
-        old = [r for r in json.loads(Path(args.json).read_text())["rows"] if (r["n"], r["type"]) not in new]
-        rows = sorted(old + rows, key=lambda r: (r["n"], kinds_order(r["type"])))
+        def key(r: dict) -> tuple:
+            return r["n"], r.get("backend", "faiss"), r["type"]
+
+        new = {key(r) for r in rows}
+        old = [r for r in json.loads(Path(args.json).read_text())["rows"] if key(r) not in new]
+        rows = sorted(old + rows, key=lambda r: (r["n"], kinds_order(r["type"]), r.get("backend", "faiss")))
         args.sizes = ",".join(str(n) for n in sorted({r["n"] for r in rows}))
         args.types = ",".join(sorted({r["type"] for r in rows}, key=kinds_order))
-    header = ["N", "type", "params", "build s (total)", "q/s", "recall@10", "same-source@10", "B/vector"]
+    header = ["N", "backend", "type", "params", "build s (total)", "q/s", "recall@10", "same-source@10", "B/vector"]
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in rows:
         params = ", ".join(f"{k}={v}" for k, v in r["search_params"].items()) or "exact"
-        print(f"| {r['n']:,} | {r['type']} | {params} | {r['build_s']} ({r['build_total_s']}) | {r['qps']:,} | "
+        print(f"| {r['n']:,} | {r.get('backend', 'faiss')} | {r['type']} | {params} | {r['build_s']} "
+              f"({r['build_total_s']}) | {r['qps']:,} | "
               f"{r['recall_at_10']:.4f} | {r['same_source_at_10']:.4f} | {r['bytes_per_vector']} |")
     result = {
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "png", "tmp")},

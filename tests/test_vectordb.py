@@ -50,8 +50,8 @@ def exact_top(xq: np.ndarray, xb: np.ndarray, k: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def data():
-    x = blobs(6300)
-    return x[:6000], x[6000:]  # fresh queries from the same distribution (not in the index)
+    x = blobs(4300)
+    return x[:4000], x[4000:]  # fresh queries from the same distribution (not in the index)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """``zoo embed``: features of an image folder or a dataset, one shard per process, as one feature folder.
 
 ``zoo embed MODEL --images DIR --out FEATS [--nproc N]`` (or ``--data NAME [--split train]``) writes the
-feature folder that ``zoo index build MODEL --features FEATS`` reads (``serve/index.py``):
+feature folder that ``zoo index build MODEL --features FEATS`` reads (``serve/index/features.py``):
 
 - ``features.npy``: float32 ``[N,D]``, the raw encoder output (``model.forward_features``, not L2-normalised;
   the index normalises), rows in dataset order: a folder's readable images sorted by path, or a

@@ -196,25 +196,35 @@ def tune_search_param(
     target_recall: float,
     nlist: int | None = None,
     progress: bool = False,
+    leave_one_out: bool = False,
 ) -> dict[str, Any]:
     """Tune efSearch / nprobe on the held-out rows ``held`` of ``x`` (ids = row numbers) against exact
     search over the rows in the index (``in_index``); see the module docstring.
 
     ``raw_search(queries, k, {"efSearch": v} or {"nprobe": v})`` is the backend's search, returning
     ``(scores, ids)`` ``[Q,k]``; ``nlist`` is the IVF list count. Returns the tuning record with the
-    chosen ``"params"``.
+    chosen ``"params"``. ``leave_one_out``: the query rows are in the index (``in_index`` true for
+    them); each query's own row is left out of its results and of its truth, so the index is tuned
+    as it will be searched (a database's segment layout changes when rows are added later).
     """
     k = TUNE_K
     if index_type == "flat" or not len(held):
         return {"params": {}, "target_recall": float(target_recall), "recall_at_10": 1.0, "queries": 0,
                 "curve": []}
     xq = np.ascontiguousarray(x[held])
-    truth = [set(r) for r in _exact_knn_among(xq, x, k, in_index)]
+    extra = 1 if leave_one_out else 0
+
+    def drop_self(found: np.ndarray) -> list[set[int]]:
+        if not leave_one_out:
+            return [set(f.tolist()) for f in found]
+        return [set([i for i in f.tolist() if i != own][:k]) for f, own in zip(found, held.tolist())]
+
+    truth = drop_self(_exact_knn_among(xq, x, k + extra, in_index))
 
     def recall(value: int) -> tuple[float, float]:
         params = {"efSearch": value} if index_type == "hnsw" else {"nprobe": value}
-        _, found = raw_search(xq, k, params)
-        per_query = np.array([len(set(f.tolist()) & t) / k for f, t in zip(found, truth)])
+        _, found = raw_search(xq, k + extra, params)
+        per_query = np.array([len(f & t) / k for f, t in zip(drop_self(found), truth)])
         return float(per_query.mean()), float(per_query.std(ddof=1) / math.sqrt(len(per_query)))
 
     if index_type == "hnsw":
@@ -267,7 +277,8 @@ def tune_search_param(
         "recall_at_10": round(curve[chosen][0], 5),
         "recall_stderr": round(curve[chosen][1], 5),
         "queries": int(len(held)),
-        "method": "held-out random sample of the data (added after tuning) vs exact inner-product search; "
-                  "smallest value with recall - 2 stderr >= target",
+        "method": ("random sample of the indexed rows, each left out of its own results, "
+                   if leave_one_out else "held-out random sample of the data (added after tuning) ")
+                  + "vs exact inner-product search; smallest value with recall - 2 stderr >= target",
         "curve": [[int(v), round(m, 5)] for v, (m, _) in sorted(curve.items())],
     }

@@ -22,19 +22,19 @@ from serve.index.features import read_features
 def _load_model(spec: Any) -> tuple[Any, str]:
     """(model, source): a ZooModel as is, or a MODEL argument (registered name, folder, hf-hub:)."""
     import zoo
-    from zoo.cli import load_model_arg
+    from zoo import resolve_model
 
     if isinstance(spec, zoo.ZooModel):
         return spec, str(spec.pretrained_cfg.get("name") or spec.arch)
     spec = str(spec)
     if Path(spec).is_dir():
-        return load_model_arg(spec), str(Path(spec).resolve())
+        return resolve_model(spec), str(Path(spec).resolve())
     if not spec.startswith("hf-hub:"):
         entry = zoo.get_entry(spec)
         if not entry.weights:
             raise ValueError(f"model {spec!r} has no pretrained weights: an index of a randomly initialised "
                              "model could not be searched later")
-    return load_model_arg(spec), spec
+    return resolve_model(spec), spec
 
 
 def _model_name(model: Any) -> str:

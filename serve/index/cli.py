@@ -69,6 +69,14 @@ def cli_index(args: Any) -> int:
         print(f"built {path}: {_summary(index)} in {time.perf_counter() - t0:.1f} s")
         return 0
     index = FeatureIndex.load(args.index)
+    try:
+        return _on_index(cmd, index, args)
+    finally:
+        index.close()  # a database backend: close the connection (Milvus Lite: stop and flush the engine)
+
+
+def _on_index(cmd: str, index: FeatureIndex, args: Any) -> int:
+    """``zoo index search|add|remove|info`` on an opened index."""
     if cmd == "info":
         info = index.info()
         if not is_uri(args.index):

@@ -11,7 +11,9 @@ Fields: ``id`` (INT64 primary key: the stable id), ``vector`` (FLOAT_VECTOR, L2-
 ``item`` (VARCHAR), ``label`` (INT64, ``-1`` when unknown). The metric is inner product (cosine).
 The index type is chosen by the same ``auto`` rule as faiss (:mod:`serve.index.auto`) and mapped to
 Milvus's (``FLAT``, ``HNSW`` with M=32/efConstruction=64, ``IVF_FLAT`` / ``IVF_PQ`` with the same
-``nlist``); ``ef``/``nprobe`` are tuned the same way, on held-out vectors, for recall@10 >= target.
+``nlist``); ``ef``/``nprobe`` are tuned by the same ladder for recall@10 >= target, on a random
+sample of the indexed vectors, each left out of its own results (leave-one-out, on the finished
+collection: Milvus indexes each segment on its own, so the final segment layout is what is tuned).
 What faiss keeps in ``meta.json`` lives in the collection's properties (``zoo.*``): model name and
 source, preprocessing, index type, search parameters, ``next_id``, the build record. Ids are
 reserved (``zoo.next_id`` raised) before the rows are inserted, so they are never reused, even
@@ -50,10 +52,8 @@ from serve.index.base import (
     FORMAT_NAME,
     FORMAT_VERSION,
     META_FILE,
-    URI_SCHEMES,
     FeatureIndex,
     IndexFileError,
-    IndexUnreachableError,
     SearchResult,
     _as_matrix,
     _check_items,
@@ -64,6 +64,7 @@ from serve.index.base import (
     _zoo_version,
     resolve_ids,
 )
+from serve.index.milvus_connect import _is_local, _norm_uri, _release, connect
 
 MILVUS_TYPES = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT", "ivfpq": "IVF_PQ"}
 INSERT_CHUNK = 5_000
@@ -73,76 +74,6 @@ MAX_K = 16_384  # Milvus's topk limit
 MAX_ITEM = 4_096
 PROP = "zoo."
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
-_local_refs: dict[str, int] = {}
-_local_lock = threading.Lock()
-
-
-# ----------------------------------------------------------------------------- connection
-def _is_local(uri: str) -> bool:
-    return not uri.startswith(URI_SCHEMES)
-
-
-def _norm_uri(uri: str) -> str:
-    """A local Milvus Lite file as an absolute path (so a folder pointing at it works from anywhere)."""
-    return str(Path(uri).expanduser().resolve()) if _is_local(uri) else uri
-
-
-def connect(uri: str, timeout: float = 10.0) -> Any:
-    """A ``MilvusClient`` for ``uri``; :class:`IndexUnreachableError` naming it when it cannot connect."""
-    try:
-        from pymilvus import MilvusClient
-    except ImportError as e:  # pragma: no cover - a serve dependency
-        raise ImportError("the milvus index backend needs pymilvus and milvus-lite: "
-                          "pip install 'selfsup-zoo[serve]' (or pymilvus milvus-lite)") from e
-    uri = _norm_uri(uri)
-    if _is_local(uri):
-        if not uri.endswith(".db"):
-            raise ValueError(f"Milvus URI {uri!r}: a local Milvus Lite file must end in .db (or give "
-                             "http://host:19530 for a server)")
-        if not Path(uri).parent.is_dir():
-            raise IndexUnreachableError(f"cannot open Milvus Lite file {uri}: folder {Path(uri).parent} does not "
-                                        "exist")
-    import logging
-
-    quiet = logging.getLogger("milvus_lite.server_manager")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)  # its own traceback for a locked file; we say it in one line below
-    try:
-        client = MilvusClient(uri=uri, timeout=timeout)
-        client.list_collections()
-    except Exception as e:  # noqa: BLE001 - pymilvus raises MilvusException / grpc errors / OSError
-        why = str(getattr(e, "message", None) or e).splitlines()[0][:300]
-        hint = (" (Milvus Lite allows one process per file: is another zoo process using it?)"
-                if _is_local(uri) else " (is the Milvus server running and reachable?)")
-        raise IndexUnreachableError(f"cannot reach Milvus at {uri}: {why}{hint}") from None
-    finally:
-        quiet.setLevel(level)
-    if _is_local(uri):
-        with _local_lock:
-            _local_refs[uri] = _local_refs.get(uri, 0) + 1
-    return client
-
-
-def _release(client: Any, uri: str) -> None:
-    """Close the client; the last one of a local file also stops its embedded engine (flushing it)."""
-    try:
-        client.close()
-    except Exception:  # noqa: BLE001 - already closed
-        pass
-    if not _is_local(uri):
-        return
-    with _local_lock:
-        left = _local_refs.get(uri, 1) - 1
-        if left > 0:
-            _local_refs[uri] = left
-            return
-        _local_refs.pop(uri, None)
-    try:
-        from milvus_lite.server_manager import server_manager_instance
-
-        server_manager_instance.release_server(uri)
-    except ImportError:  # pragma: no cover - a server URI never gets here
-        pass
 
 
 def _props(client: Any, name: str) -> dict[str, str]:
@@ -321,35 +252,26 @@ class MilvusIndex(FeatureIndex):
                 "has_labels": "1" if lab is not None else "0", "fingerprint": fingerprint, "meta": "{}",
             })
         t0 = time.perf_counter()
-        rng = np.random.default_rng(seed)
-        n_tune = 0 if kind == "flat" or n < 2 * TUNE_K else min(TUNE_QUERIES, n // 10)
-        held = np.sort(rng.choice(n, n_tune, replace=False)) if n_tune else np.zeros(0, np.int64)
-        in_index = np.ones(n, dtype=bool)
-        in_index[held] = False
-        early = np.intersect1d(present, held)
-        if len(early):  # killed while adding the tuning queries: take them out again, tuning must not see them
-            client.delete(staging, ids=early.tolist())
-            present = np.setdiff1d(present, early)
-        todo = np.setdiff1d(np.flatnonzero(in_index), present)
+        todo = np.setdiff1d(np.arange(n), present)
         cls._insert(client, staging, x, todo, todo, items, lab, progress, f"inserting into {staging}", hooks)
         client.flush(staging)
-        client.load_collection(staging)
+        cls._create_index(client, staging, params)
         _wait_indexed(client, staging, progress)  # tune the index itself, not a brute-force fallback
         build_s = time.perf_counter() - t0
+        # Tuned on the final collection, leave-one-out: Milvus indexes each segment separately, so rows
+        # held out and added after tuning would land in a small segment of their own, indexed differently.
+        rng = np.random.default_rng(seed)
+        n_tune = 0 if kind == "flat" or n < 2 * TUNE_K else min(TUNE_QUERIES, n // 10)
+        sample = np.sort(rng.choice(n, n_tune, replace=False)) if n_tune else np.zeros(0, np.int64)
         t1 = time.perf_counter()
 
         def raw(q: np.ndarray, k: int, p: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
             return _raw_search(client, staging, kind, q, k, p, ["id"])[:2]
 
-        tuning = tune_search_param(kind, raw, x, held, in_index, target_recall, nlist=params.get("nlist"),
-                                   progress=progress)
+        tuning = tune_search_param(kind, raw, x, sample, np.ones(n, dtype=bool), target_recall,
+                                   nlist=params.get("nlist"), progress=progress, leave_one_out=True)
         tune_s = time.perf_counter() - t1
         search_params = tuning.pop("params")
-        t2 = time.perf_counter()
-        cls._insert(client, staging, x, held, held, items, lab, progress, "inserting the tuning rows", hooks)
-        client.flush(staging)
-        _wait_indexed(client, staging, progress)
-        build_s += time.perf_counter() - t2
         meta = {
             "model_source": model_source or model_name,
             "build_params": {k: v for k, v in params.items() if k != "estimated_bytes"},
@@ -374,6 +296,8 @@ class MilvusIndex(FeatureIndex):
 
     @staticmethod
     def _create(client: Any, name: str, d: int, params: Mapping[str, Any], props: Mapping[str, str]) -> None:
+        """The collection, without its vector index yet: it is created once the rows are in
+        (:meth:`_create_index`), so each segment's index is built once, not as every flush seals it."""
         from pymilvus import DataType
 
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -381,6 +305,13 @@ class MilvusIndex(FeatureIndex):
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=d)
         schema.add_field("item", DataType.VARCHAR, max_length=MAX_ITEM)
         schema.add_field("label", DataType.INT64)
+        client.create_collection(name, schema=schema, consistency_level="Strong",
+                                 properties={PROP + k: v for k, v in props.items()})
+
+    @staticmethod
+    def _create_index(client: Any, name: str, params: Mapping[str, Any]) -> None:
+        if client.list_indexes(name):  # a resumed build whose index was already made
+            return
         kind = params["type"]
         build: dict[str, Any] = {}
         if kind == "hnsw":
@@ -391,8 +322,7 @@ class MilvusIndex(FeatureIndex):
                 build.update(m=int(params["pq_m"]), nbits=int(params["pq_nbits"]))
         index_params = client.prepare_index_params()
         index_params.add_index("vector", index_type=MILVUS_TYPES[kind], metric_type="IP", params=build)
-        client.create_collection(name, schema=schema, index_params=index_params, consistency_level="Strong",
-                                 properties={PROP + k: v for k, v in props.items()})
+        client.create_index(name, index_params)
 
     @staticmethod
     def _insert(client: Any, name: str, x: np.ndarray, rows: np.ndarray, ids: np.ndarray, items: Sequence[str],
@@ -607,7 +537,15 @@ def _raw_search(client: Any, name: str, kind: str, q: np.ndarray, k: int, params
 
 
 def _wait_indexed(client: Any, name: str, progress: bool, timeout_s: float = 3600.0) -> None:
-    """Wait until Milvus has built the index of every sealed segment (it builds them in the background)."""
+    """Wait until Milvus has built the index of every sealed segment.
+
+    Milvus builds them in the background after a flush and searches a segment without its index by
+    brute force meanwhile. Loading a released collection builds (or reads) every segment's index
+    before it returns (Milvus Lite reports its indexes finished at once, so this is what waits there);
+    a cluster also reports pending rows, polled below.
+    """
+    client.release_collection(name)
+    client.load_collection(name)
     t0 = time.perf_counter()
     while True:
         desc = client.describe_index(name, "vector")
