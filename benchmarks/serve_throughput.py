@@ -280,7 +280,7 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> dict:
         for c in args.concurrency:
             # Long enough for `rounds` full rounds of c requests at the baseline rate (slow models merge few
             # large batches; a short window would count 1-2 of them).
-            duration = max(args.duration, args.rounds * c / baselines[-1])
+            duration = max(args.duration, args.rounds * c / baselines[-1], args.min_requests / baselines[-1])
             warmup = max(args.warmup, c / baselines[-1])
             # ABBA: each pair runs twice for half the time, in order then in reverse, so a drift of the
             # machine's load over the point does not favour the pairs measured first or last.
@@ -397,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-seconds", type=float, default=3.0, help="per baseline run (at least 3 batches)")
     p.add_argument("--rounds", type=float, default=4.0,
                    help="measure at least this many rounds of c requests at the baseline rate")
+    p.add_argument("--min-requests", type=float, default=60.0,
+                   help="measure long enough for this many requests at the baseline rate (slow models, c=1)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, all sides (0: all)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
