@@ -14,8 +14,9 @@ and onnxruntime threads (``--threads``, 0 = all cores). Load comes from this pro
 ``tritonclient.http`` / ``tritonclient.grpc`` client each (the same client for both servers), single-image
 requests with binary / raw tensors, for ``--duration`` seconds after ``--warmup`` (longer for slow models:
 at least ``--rounds`` rounds of ``c`` requests at the baseline rate). For each concurrency the four
-server/protocol pairs run one after the other, then the in-process baseline again, so every point is
-bracketed by two baseline runs and its ratio uses their mean (a shared machine's load drifts).
+server/protocol pairs run for half that time each in order, then again in reverse order (ABBA), then
+the in-process baseline again, so every point is bracketed by two baseline runs and its ratio uses
+their mean (a shared machine's load drifts).
 Reported: images/s, p50/p99 latency, ratio to in-process, average merged batch size (our ``/metrics``;
 Triton's ``nv_inference_count / nv_inference_exec_count``). Prints a table, writes JSON and a PNG.
 """
@@ -227,6 +228,23 @@ def run_load(protocol: str, url: str, model_name: str, shape: tuple[int, ...], c
         "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
+        "_lat_ms": lat,  # merged over the two halves of a point, then dropped
+    }
+
+
+def merge_halves(a: dict, b: dict) -> dict:
+    """One point from its two half-length runs (ABBA order): rates over the total time, pooled latencies."""
+    lat = np.concatenate([a.pop("_lat_ms"), b.pop("_lat_ms")])
+    return {
+        "concurrency": a["concurrency"],
+        "img_s": (a["requests"] + b["requests"]) / (a["duration_s"] + b["duration_s"]),
+        "requests": a["requests"] + b["requests"],
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+        "errors": a["errors"] + b["errors"],
+        "first_error": a["first_error"] or b["first_error"],
+        "duration_s": a["duration_s"] + b["duration_s"],
+        "halves_img_s": [a["img_s"], b["img_s"]],
     }
 
 
@@ -262,20 +280,25 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> dict:
         for c in args.concurrency:
             # Long enough for `rounds` full rounds of c requests at the baseline rate (slow models merge few
             # large batches; a short window would count 1-2 of them).
-            duration = max(args.duration, args.rounds * c / baselines[-1])
+            duration = max(args.duration, args.rounds * c / baselines[-1], args.min_requests / baselines[-1])
             warmup = max(args.warmup, c / baselines[-1])
-            point = []
-            for server, protocol in SIDES:
-                if server not in servers:
-                    continue
+            # ABBA: each pair runs twice for half the time, in order then in reverse, so a drift of the
+            # machine's load over the point does not favour the pairs measured first or last.
+            active = [sp for sp in SIDES if sp[0] in servers]
+            halves: dict[tuple[str, str], list[dict]] = {sp: [] for sp in active}
+            for server, protocol in active + active[::-1]:
                 side = servers[server]
                 url = side.grpc_url if protocol == "grpc" else side.url
                 m0 = side.batch_counts()
-                row = run_load(protocol, url, enc.name, shape, c, warmup, duration)
+                half = run_load(protocol, url, enc.name, shape, c, warmup, duration / 2)
                 m1 = side.batch_counts()
-                calls = m1[1] - m0[1]
-                row.update(server=server, protocol=protocol, duration_s=duration,
-                           avg_batch=(m1[0] - m0[0]) / calls if calls else float("nan"))
+                half.update(duration_s=duration / 2, images=m1[0] - m0[0], calls=m1[1] - m0[1])
+                halves[server, protocol].append(half)
+            point = []
+            for (server, protocol), (a, b) in halves.items():
+                calls, images = a["calls"] + b["calls"], a["images"] + b["images"]
+                row = merge_halves(a, b)
+                row.update(server=server, protocol=protocol, avg_batch=images / calls if calls else float("nan"))
                 point.append(row)
                 print(f"{name}: c={c:>3} {LABELS[server, protocol]:<12} {row['img_s']:8.1f} img/s, p50 "
                       f"{row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, avg batch {row['avg_batch']:.1f}, "
@@ -374,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-seconds", type=float, default=3.0, help="per baseline run (at least 3 batches)")
     p.add_argument("--rounds", type=float, default=4.0,
                    help="measure at least this many rounds of c requests at the baseline rate")
+    p.add_argument("--min-requests", type=float, default=60.0,
+                   help="measure long enough for this many requests at the baseline rate (slow models, c=1)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, all sides (0: all)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0)

@@ -31,6 +31,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from serve.kserve import check_fp32_tensor
 from serve.server import MODEL_VERSION, ApiError, ServedModel, ServerMetrics, bearer_token_ok
 
 SERVICE = "inference.GRPCInferenceService"
@@ -72,8 +73,9 @@ def check_grpc_port(host: str, port: int) -> None:
 def checked_images(images: np.ndarray, model: ServedModel) -> np.ndarray:
     """The ONE place every decoded gRPC input array passes: ``[B,3,H,W]`` C-contiguous float32.
 
-    (Value checks shared with HTTP, e.g. refusing NaN/Inf, belong here too.)
+    Values follow HTTP's rule (:func:`serve.kserve.check_fp32_tensor`): NaN / Inf are refused, naming the index.
     """
+    images = check_fp32_tensor(images, model.input_name).reshape(images.shape)
     if images.ndim != 4 or images.shape[0] < 1 or tuple(images.shape[1:]) != model.input_shape:
         raise ApiError(400, f"input {model.input_name!r}: shape {list(images.shape)} does not match the model's "
                             f"{[-1, *model.input_shape]} (batch >= 1)")

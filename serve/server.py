@@ -27,6 +27,7 @@ import hmac
 import http.cookies
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -556,6 +557,38 @@ class _Guard:
         await self.app(scope, replay, send)
 
 
+class _InferFastPath:
+    """Pure ASGI: ``POST /v2/models/{name}[/versions/{v}]/infer`` straight to the route's own endpoint.
+
+    Skips FastAPI's per-request routing, dependency solving and exit stacks, which profiling put at
+    ~40% of the server's CPU for a small single-image request. Same function, same error bodies
+    (ApiError -> its status, anything else -> 500); other paths go on to FastAPI unchanged.
+    """
+
+    _PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+
+    def __init__(self, app: Any, *, endpoint: Callable[..., Awaitable[Response]], routes: dict[bool, Any],
+                 skip: frozenset[str] = frozenset()):
+        self.app = app
+        self.skip = skip  # models with routes of their own (text towers: serve/text.py), routed by FastAPI
+        self.endpoint = endpoint
+        self.routes = routes  # versioned? -> the FastAPI route (its path labels the metrics, as routed)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        m = self._PATH.fullmatch(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if m is None or m.group(1) in self.skip:
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = self.routes[m.group(2) is not None]
+        try:
+            response = await self.endpoint(m.group(1), Request(scope, receive), m.group(2))
+        except ApiError as e:
+            response = _error_response(e.status, e.message, e.headers)
+        except Exception as e:  # noqa: BLE001 - as the app's 500 handler
+            response = _error_response(500, f"internal server error: {type(e).__name__}: {e}")
+        await response(scope, receive, send)
+
+
 # ----------------------------------------------------------------------------------------- the app
 
 
@@ -900,6 +933,10 @@ def create_app(
 
     if demo_mount is not None:
         demo_mount(app)
+    infer_routes = {"/versions/" in r.path: r for r in app.router.routes
+                    if getattr(r, "endpoint", None) is infer and "POST" in getattr(r, "methods", ())}
+    app.add_middleware(_InferFastPath, endpoint=infer, routes=infer_routes,
+                       skip=frozenset(n for n, m in models.items() if type(m) is not ServedModel))  # inside _Guard: after auth, limits
     app.add_middleware(_Guard, api_key=api_key or None, max_body_bytes=max_body_bytes, metrics=metrics,
                        router=app.router)
     return app

@@ -193,6 +193,12 @@ def test_grpc_and_http_requests_share_one_batcher(encoder, torch_model, test_png
 # --------------------------------------------------------------------------------- errors, limits
 
 
+def _poisoned(x: np.ndarray, value: float) -> np.ndarray:
+    bad = x.copy()
+    bad.reshape(-1)[5] = value
+    return bad
+
+
 def test_bad_input_gets_a_status_code_then_a_good_request_succeeds(live, torch_model, test_pngs):  # noqa: F811
     good = _prep(test_pngs[0][:1], torch_model.pretrained_cfg)
     expected = live.client.infer(MODEL, [_grpc_input(good)]).as_numpy("features")
@@ -210,6 +216,10 @@ def test_bad_input_gets_a_status_code_then_a_good_request_succeeds(live, torch_m
                                                      outputs=[tritongrpc.InferRequestedOutput("logits")]),
          "INVALID_ARGUMENT", "logits"),
         ("oversized", lambda: live.client.infer(MODEL, [_grpc_input(big)]), "RESOURCE_EXHAUSTED", ""),
+        ("NaN", lambda: live.client.infer(MODEL, [_grpc_input(_poisoned(good, np.nan))]), "INVALID_ARGUMENT",
+         "element 5 (flat index) is NaN"),  # the same value rule as HTTP (serve.kserve.check_fp32_tensor)
+        ("Inf", lambda: live.client.infer(MODEL, [_grpc_input(_poisoned(good, np.inf))]), "INVALID_ARGUMENT",
+         "element 5 (flat index) is Inf"),
     ]
     for what, call, code, word in cases:
         with pytest.raises(InferenceServerException) as e:
@@ -231,8 +241,8 @@ def test_bad_input_gets_a_status_code_then_a_good_request_succeeds(live, torch_m
     np.testing.assert_array_equal(live.client.infer(MODEL, [_grpc_input(good)]).as_numpy("features"), expected)
     s = metric_samples(live.http.get("/metrics").text)
     ep = "/inference.GRPCInferenceService/ModelInfer"
-    assert metric_sum(s, "zoo_http_requests_total", endpoint=ep, method="GRPC", status="INVALID_ARGUMENT") >= 6
-    assert metric_sum(s, "zoo_http_failures_total", endpoint=ep, kind="client") >= 8
+    assert metric_sum(s, "zoo_http_requests_total", endpoint=ep, method="GRPC", status="INVALID_ARGUMENT") >= 8
+    assert metric_sum(s, "zoo_http_failures_total", endpoint=ep, kind="client") >= 10
 
 
 def test_bearer_token_in_metadata(encoder, torch_model, test_pngs):  # noqa: F811
