@@ -46,10 +46,9 @@ TEXTS = ["a photo of a dog", "a diagram", "two red triangles on a striped backgr
 @pytest.fixture
 def caches(tmp_path, monkeypatch):
     monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "zoo"))
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
+    # torch.hub.set_dir(get_dir()) afterwards would pin the hub dir for the whole session (TORCH_HOME ignored)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     yield tmp_path
-    torch.hub.set_dir(old)
 
 
 def _random_open_clip(model_name: str) -> torch.nn.Module:
