@@ -31,8 +31,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from serve.kserve import check_fp32_tensor
-from serve.server import MODEL_VERSION, ApiError, ServedModel, ServerMetrics, bearer_token_ok
+from serve.batching import ServedModel, ServerMetrics
+from serve.guard import bearer_token_ok
+from serve.kserve import MODEL_VERSION, ApiError, check_fp32_tensor
 
 SERVICE = "inference.GRPCInferenceService"
 HEALTH_RPCS = frozenset({"ServerLive", "ServerReady"})  # like /v2/health/*: no API key needed
