@@ -54,11 +54,15 @@ class SimCLR(Method):
         self.temperature = temperature
         self.unmix, self.unmix_alpha = unmix, unmix_alpha  # Un-Mix option (train/methods/unmix.py)
 
+    def pair_loss(self, z1: torch.Tensor, z2: torch.Tensor, indices: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """The loss of the two views' projections ``[B,D]`` of images ``indices`` (IFND overrides it)."""
+        return nt_xent_loss(z1, z2, self.temperature)
+
     def training_step(self, images: torch.Tensor, indices: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
         v1, v2 = ctx.augment.views(images, ctx.generator, 2)
         z = self.projector(self.model.forward_features(torch.cat([v1, v2])))
         z1, z2 = z.chunk(2)
-        loss = nt_xent_loss(z1, z2, self.temperature)
+        loss = self.pair_loss(z1, z2, indices, ctx)
         if self.unmix:  # view 1 mixed within the batch, contrasted with both sources' view 2
             mix = mix_batch(v1, ctx.generator, unmix_mode(ctx.step), self.unmix_alpha)
             z_mix = self.projector(self.model.forward_features(mix.images))
