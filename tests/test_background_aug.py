@@ -31,14 +31,26 @@ def test_remove_and_swap_match_the_formula():
     replay = torch.Generator().manual_seed(2)
     torch.rand(x.shape[0], generator=replay)
     partner = torch.randint(x.shape[0], (x.shape[0],), generator=replay)
+    h, w = x.shape[-2:]
     for i in range(x.shape[0]):
         j = int(partner[i])
         bg = 1 - m[j, 0]
-        mean = [(x[j, c] * bg).sum() / bg.sum() for c in range(3)]
         for c in range(3):
-            source = torch.where(bg > 0, x[j, c], mean[c])  # partner's background, its object filled in
-            expected = torch.where(m[i, 0] > 0, x[i, c], source)
-            torch.testing.assert_close(swapped[i, c], expected)
+            mean = float((x[j, c] * bg).sum() / bg.sum())
+            for r in range(h):
+                for s in range(w):
+                    if m[i, 0, r, s] > 0:  # the object stays
+                        expected = x[i, c, r, s]
+                    elif bg[r, s] > 0:  # the partner's background
+                        expected = x[j, c, r, s]
+                    else:  # the partner's object erased: the first background pixel half a side away
+                        expected = mean
+                        for dr, ds in ((h // 2, w // 2), (h // 2, 0), (0, w // 2)):
+                            rr, ss = (r - dr) % h, (s - ds) % w
+                            if bg[rr, ss] > 0:
+                                expected = x[j, c, rr, ss]
+                                break
+                    assert float(swapped[i, c, r, s]) == pytest.approx(float(expected), abs=1e-6)
     assert not torch.equal(partner, torch.arange(x.shape[0]))  # some image really got another background
 
 

@@ -224,6 +224,22 @@ def saliency_masks(x: torch.Tensor, blur_sigma: float = 1.5, threshold: float = 
     return (sal > threshold * sal.mean(dim=(2, 3), keepdim=True)).to(x.dtype)
 
 
+def object_free_background(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x [B,3,H,W]`` with the object (``mask [B,1,H,W]`` = 1) erased: each object pixel takes the pixel of
+    the same image half a side away (rolled by (H/2, W/2), then (H/2, 0), then (0, W/2)) when that one is
+    background, and the mean background colour where none is. A texture (noise) background stays a
+    texture, so the hole does not show the object's silhouette as a flat patch."""
+    h, w = x.shape[-2:]
+    bg = 1 - mask
+    mean = (x * bg).sum(dim=(2, 3), keepdim=True) / bg.sum(dim=(2, 3), keepdim=True).clamp(min=1)
+    out, hole = x * bg + mean * mask, mask > 0
+    for shift in ((h // 2, w // 2), (h // 2, 0), (0, w // 2)):
+        take = hole & (torch.roll(mask, shift, dims=(2, 3)) == 0)
+        out = torch.where(take, torch.roll(x, shift, dims=(2, 3)), out)
+        hole = hole & ~take
+    return out
+
+
 def background_augment(
     x: torch.Tensor, mask: torch.Tensor, gen: torch.Generator, remove_p: float = 0.0, swap_p: float = 0.0,
     fill: float = 0.5,
@@ -236,8 +252,8 @@ def background_augment(
         gen: draws, per sample, which (if any) change applies and whose background is taken.
         remove_p: probability of ``BG_RM``: the background becomes the constant ``fill`` (gray).
         swap_p: probability of ``BG_Random``: the background becomes that of another image of the batch
-            (``j ~ U{0..B-1}``), whose own foreground is first filled with the mean colour of its
-            background so no second object appears (the paper pastes onto object-free backgrounds).
+            (``j ~ U{0..B-1}``), whose own object is first erased (:func:`object_free_background`) so
+            no second object, nor its silhouette, appears (the paper pastes onto object-free backgrounds).
 
     Returns:
         ``[B,3,H,W]``: ``mask * x + (1 - mask) * background``; samples drawn for neither keep ``x``.
@@ -252,9 +268,7 @@ def background_augment(
     partner = randint_per_sample(b, b, gen).to(x.device)
     m = mask.to(x.dtype)
     bg_only = 1 - m
-    bg_mean = (x * bg_only).sum(dim=(2, 3), keepdim=True) / bg_only.sum(dim=(2, 3), keepdim=True).clamp(min=1)
-    clean_bg = x * bg_only + bg_mean * m  # every image's background with its object filled in
-    swapped = m * x + bg_only * clean_bg[partner]
+    swapped = m * x + bg_only * object_free_background(x, m)[partner]
     removed = m * x + bg_only * fill
     return torch.where(u < remove_p, removed, torch.where(u < remove_p + swap_p, swapped, x))
 
