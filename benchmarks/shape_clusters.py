@@ -5,7 +5,7 @@
 
 For each model folder: features of the 1,000 `shapes` test images, k-means with k = 4 (the shape
 classes) on L2-normalised features (``zoo.eval.kmeans``, 3 restarts, seed 0), and the NMI of the
-clusters against each concept label; optionally a cluster gallery per model
+clusters against each concept label and the object's size; optionally a cluster gallery per model
 (``zoo.eval.plots.plot_cluster_gallery``). Prints a Markdown table and writes JSON.
 """
 
@@ -32,6 +32,7 @@ def concept_nmi(model_dir: str, k: int = 4, gallery: Path | None = None) -> dict
     assign, _ = kmeans(_l2_normalize(np.asarray(feats, dtype=np.float32)), k, seed=0, nredo=3)
     row = {"model": model_dir, "method": model.pretrained_cfg.get("method"), "k": k}
     row.update({f"nmi_{c}": float(nmi(ds.concepts[c], assign)) for c in ("shape", "colour", "background")})
+    row["nmi_size"] = float(nmi(ds.factors["size"], assign))  # the half-size 5..11 as 7 labels: a nuisance too
     if gallery is not None:
         name = Path(model_dir).parent.name
         plot_cluster_gallery(ds, assign, gallery / f"{name}.png", labels=ds.concepts["shape"],
@@ -49,9 +50,10 @@ def main() -> None:
     args = parser.parse_args()
     gallery = Path(args.gallery) if args.gallery else None
     rows = [concept_nmi(m, args.k, gallery) for m in args.models]
-    print("| model | NMI shape | NMI colour | NMI background |\n|---|---|---|---|")
+    print("| model | NMI shape | NMI colour | NMI background | NMI size |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['nmi_shape']:.3f} | {r['nmi_colour']:.3f} | {r['nmi_background']:.3f} |")
+        print(f"| {r['model']} | {r['nmi_shape']:.3f} | {r['nmi_colour']:.3f} | {r['nmi_background']:.3f} "
+              f"| {r['nmi_size']:.3f} |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"data": "shapes", "split": "test", "rows": rows}, indent=2))
     print(f"wrote {args.json}")
