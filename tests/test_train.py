@@ -146,7 +146,8 @@ def test_every_recipe_is_valid(recipe):
     from zoo.data import list_datasets
 
     cfg = TrainConfig.from_yaml(recipe)
-    assert recipe.stem == f"{cfg.method}_{cfg.data}"
+    # <method>_<data>.yaml, or a named variant of it: <method>_<data>_<variant>.yaml (e.g. _bgaug)
+    assert recipe.stem == f"{cfg.method}_{cfg.data}" or recipe.stem.startswith(f"{cfg.method}_{cfg.data}_bgaug")
     assert cfg.data in list_datasets()
     inspect.signature(get_method(cfg.method)).bind(None, **cfg.method_kwargs)
     AugmentConfig.from_dict(cfg.augment)

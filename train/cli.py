@@ -16,6 +16,7 @@ from pathlib import Path
 METHOD_NAMES = ("simclr", "moco", "byol", "swav", "sela", "deepcluster", "pcl", "scan", "dcl", "nnclr", "mochi",
                 "supcon", "paco", "bcl", "supervised", "clip")
 METHOD_NAMES += ("iif", "cmo", "tsc", "rescom", "boosted", "oupn", "simclr_stream")  # long-tailed, online
+METHOD_NAMES += ("carl", "uic", "ifnd_simclr", "ifnd_moco")  # issue 14
 
 EPILOG = """examples:
   zoo train --recipe train/recipes/simclr_mnist5k.yaml --out runs/simclr

@@ -167,6 +167,22 @@ class RawImages:
             return x.contiguous()
         return torch.stack([self.dataset[int(i)][0] for i in indices])
 
+    def foreground(self, indices: torch.Tensor, images: torch.Tensor, source: str = "auto") -> torch.Tensor:
+        """Foreground masks ``[B,1,H,W]`` of the batch ``images`` (dataset ``indices``) for background
+        augmentation: the dataset's exact ``.masks`` when it has them and ``source`` is "auto", else the
+        saliency estimate of :func:`train.augment.saliency_masks`."""
+        from train.augment import saliency_masks
+
+        if source not in ("auto", "saliency"):
+            raise ValueError(f"augment bg_masks must be 'auto' or 'saliency', got {source!r}")
+        known = getattr(self.dataset, "masks", None)
+        if source == "saliency" or known is None or len(known) != len(self.dataset):
+            return saliency_masks(images)
+        m = known[indices.cpu()].to(images.device, images.dtype)
+        if tuple(m.shape[-2:]) != tuple(images.shape[-2:]):
+            m = F.interpolate(m, size=images.shape[-2:], mode="nearest")
+        return m
+
 
 def _stack_images(items: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
     """DataLoader collate: the raw images of ``(image, label)`` items as one ``[B,3,H,W]`` batch."""
@@ -460,6 +476,8 @@ class Trainer:
                 for idx, images in self.epoch_batches(order, in_epoch, last):
                     lr = self.set_lr()
                     ctx = self.context(epoch)
+                    if self.augment.uses_background:  # every view-based method: views of this batch see masks
+                        ctx.augment = self.augment.bind(images, self.data.foreground(idx, images, self.augment.cfg.bg_masks))
                     with per_sample_shard(self.rank, self.world), autocast:
                         out = step_fn(images, idx, ctx)
                     loss = out["loss"]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from train.methods.base import Method, StepContext, register_method
 from train.methods.moco import copy_weights_, frozen_copy, momentum_update
+from train.methods.unmix import mix_batch, soft_mixture_loss, unmix_mode
 from zoo.heads import ProjectionHead
 from zoo.model import ZooModel
 
@@ -48,9 +49,10 @@ class BYOL(Method):
 
     def __init__(
         self, model: ZooModel, proj_hidden_dim: int = 4096, proj_dim: int = 256, pred_hidden_dim: int = 4096,
-        tau_base: float = 0.996,
+        tau_base: float = 0.996, unmix: bool = False, unmix_alpha: float = 1.0,
     ):
         super().__init__(model)
+        self.unmix, self.unmix_alpha = unmix, unmix_alpha  # Un-Mix option (train/methods/unmix.py)
         # Projector and predictor: Linear-BN-ReLU-Linear (Grill et al. 2020, sec. 3.3).
         self.projector = ProjectionHead(model.num_features, proj_hidden_dim, proj_dim, num_layers=2, batch_norm=True)
         self.predictor = ProjectionHead(proj_dim, pred_hidden_dim, proj_dim, num_layers=2, batch_norm=True)
@@ -73,7 +75,11 @@ class BYOL(Method):
         p1, p2 = self.predict(v1), self.predict(v2)
         z1, z2 = self.target(v1), self.target(v2)
         # Symmetrised: L + L~ (eq. 2 and the sentence after it), so the loss lies in [0, 8].
-        return {"loss": byol_loss(p1, z2) + byol_loss(p2, z1)}
+        loss = byol_loss(p1, z2) + byol_loss(p2, z1)
+        if self.unmix:  # view 1 mixed within the batch regresses both sources' targets of view 2
+            mix = mix_batch(v1, ctx.generator, unmix_mode(ctx.step), self.unmix_alpha)
+            loss = loss + soft_mixture_loss(byol_loss, self.predict(mix.images), z2, mix.lam)
+        return {"loss": loss}
 
     def on_train_start(self, ctx: StepContext) -> None:
         if ctx.step == 0:  # the target starts as a copy of the online network

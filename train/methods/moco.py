@@ -19,6 +19,7 @@ from torch import nn
 
 from train.distributed import all_gather_rows, get_rank, is_distributed
 from train.methods.base import Method, StepContext, register_method
+from train.methods.unmix import mix_batch, soft_mixture_loss, unmix_mode
 from zoo.heads import ProjectionHead
 from zoo.model import ZooModel
 
@@ -104,8 +105,10 @@ class MoCo(Method):
     def __init__(
         self, model: ZooModel, proj_hidden_dim: int = 2048, proj_dim: int = 128, queue_length: int = 4096,
         momentum: float = 0.999, temperature: float = 0.2, symmetric: bool = False, bn_splits: int = 1,
+        unmix: bool = False, unmix_alpha: float = 1.0,
     ):
         super().__init__(model)
+        self.unmix, self.unmix_alpha = unmix, unmix_alpha  # Un-Mix option (train/methods/unmix.py)
         if queue_length < 1 or bn_splits < 1:
             raise ValueError(f"queue_length ({queue_length}) and bn_splits ({bn_splits}) must be >= 1")
         # MoCo v2's head: Linear-ReLU-Linear, no BatchNorm.
@@ -203,6 +206,10 @@ class MoCo(Method):
         else:
             loss = self.query_loss(q1, k2, queue, ctx)
             keys = [k2]
+        if self.unmix:  # view 1 mixed within the batch: its queries against both sources' keys (and the queue)
+            mix = mix_batch(v1, ctx.generator, unmix_mode(ctx.step), self.unmix_alpha)
+            q_mix = self.encode_queries(mix.images)
+            loss = loss + soft_mixture_loss(lambda q, k: self.query_loss(q, k, queue, ctx), q_mix, k2, mix.lam)
         if self.training:  # evaluating the loss (model.eval()) leaves the queue alone
             # under DDP: the keys of every rank, in rank order, view by view (as one process's batch)
             self.enqueue(torch.cat([all_gather_rows(k) for k in keys]))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from train.distributed import all_gather_with_grad, get_rank
 from train.methods.base import Method, StepContext, register_method
+from train.methods.unmix import mix_batch, soft_mixture_loss, unmix_mode
 from zoo.heads import ProjectionHead
 from zoo.model import ZooModel
 
@@ -46,14 +47,24 @@ class SimCLR(Method):
 
     def __init__(
         self, model: ZooModel, proj_hidden_dim: int = 512, proj_dim: int = 128, proj_layers: int = 2,
-        temperature: float = 0.5,
+        temperature: float = 0.5, unmix: bool = False, unmix_alpha: float = 1.0,
     ):
         super().__init__(model)
         self.projector = ProjectionHead(model.num_features, proj_hidden_dim, proj_dim, num_layers=proj_layers)
         self.temperature = temperature
+        self.unmix, self.unmix_alpha = unmix, unmix_alpha  # Un-Mix option (train/methods/unmix.py)
+
+    def pair_loss(self, z1: torch.Tensor, z2: torch.Tensor, indices: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """The loss of the two views' projections ``[B,D]`` of images ``indices`` (IFND overrides it)."""
+        return nt_xent_loss(z1, z2, self.temperature)
 
     def training_step(self, images: torch.Tensor, indices: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
         v1, v2 = ctx.augment.views(images, ctx.generator, 2)
         z = self.projector(self.model.forward_features(torch.cat([v1, v2])))
         z1, z2 = z.chunk(2)
-        return {"loss": nt_xent_loss(z1, z2, self.temperature)}
+        loss = self.pair_loss(z1, z2, indices, ctx)
+        if self.unmix:  # view 1 mixed within the batch, contrasted with both sources' view 2
+            mix = mix_batch(v1, ctx.generator, unmix_mode(ctx.step), self.unmix_alpha)
+            z_mix = self.projector(self.model.forward_features(mix.images))
+            loss = loss + soft_mixture_loss(lambda a, b: nt_xent_loss(a, b, self.temperature), z_mix, z2, mix.lam)
+        return {"loss": loss}

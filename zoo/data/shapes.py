@@ -94,13 +94,27 @@ def make_shapes(n: int, seed: int = 0, split: str = "train") -> tuple[np.ndarray
     return images, {k: v.astype(np.int64) for k, v in f.items()}
 
 
+@functools.lru_cache(maxsize=8)
+def make_shape_masks(n: int, seed: int = 0, split: str = "train") -> np.ndarray:
+    """The exact foreground masks of :func:`make_shapes` ``(n, seed, split)``: uint8 ``[n,32,32]``, 1 on the
+    shape's pixels, 0 on the background (the same ``_draw`` call, on a blank canvas). Cached: read-only."""
+    _, f = make_shapes(n, seed, split)
+    masks = np.empty((n, SIZE, SIZE), dtype=np.uint8)
+    for i in range(n):
+        img = Image.new("L", (SIZE, SIZE), 0)
+        _draw(ImageDraw.Draw(img), SHAPES[int(f["shape"][i])], int(f["cx"][i]), int(f["cy"][i]), int(f["size"][i]), 1)
+        masks[i] = np.asarray(img)
+    return masks
+
+
 def load_shapes(
     split: str, transform: Transform | None, seed: int = 0, n_train: int = 3000, n_test: int = 1000
 ) -> InMemoryImageDataset:
     """The ``shapes`` dataset: label = shape index; ``.concepts`` / ``.concept_names`` give all factors.
 
     ``.concepts`` maps ``"shape"``, ``"colour"``, ``"background"`` to int code arrays (names in
-    ``.concept_names``); ``.factors`` also holds the continuous jitter (``size``, ``cx``, ``cy``).
+    ``.concept_names``); ``.factors`` also holds the continuous jitter (``size``, ``cx``, ``cy``);
+    ``.masks`` (uint8 ``[n,1,32,32]``) the exact foreground masks (background augmentation uses them).
     """
     n = n_train if split == "train" else n_test
     images, factors = make_shapes(int(n), int(seed), split)
@@ -118,6 +132,7 @@ def load_shapes(
     ds.factors = {k: v.copy() for k, v in factors.items()}
     # (masks [n,32,32] bool, backgrounds uint8 [n,3,32,32]) on demand: a partial, so the dataset still pickles
     ds.layers = functools.partial(shape_layer_tensors, int(n), int(seed), split)
+    ds.masks = torch.from_numpy(make_shape_masks(int(n), int(seed), split).copy()).unsqueeze(1)
     return ds
 
 
