@@ -15,7 +15,7 @@ from pathlib import Path
 # Kept here (not read from the registry) so `zoo --help` does not import torch; a test keeps it in sync.
 METHOD_NAMES = ("simclr", "moco", "byol", "swav", "sela", "deepcluster", "pcl", "scan", "dcl", "nnclr", "mochi",
                 "supcon", "paco", "bcl", "supervised")
-METHOD_NAMES += ("iif", "cmo", "tsc", "rescom", "boosted", "oupn", "simclr_stream")  # long-tailed, online
+METHOD_NAMES += ("iif", "cmo", "tsc", "rescom", "boosted", "oupn", "simclr_stream", "ncd")  # long-tailed, online, NCD
 
 EPILOG = """examples:
   zoo train --recipe train/recipes/simclr_mnist5k.yaml --out runs/simclr
