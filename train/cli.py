@@ -15,8 +15,8 @@ from pathlib import Path
 # Kept here (not read from the registry) so `zoo --help` does not import torch; a test keeps it in sync.
 METHOD_NAMES = ("simclr", "moco", "byol", "swav", "sela", "deepcluster", "pcl", "scan", "dcl", "nnclr", "mochi",
                 "supcon", "paco", "bcl", "supervised", "clip")
-METHOD_NAMES += ("iif", "cmo", "tsc", "rescom", "boosted", "oupn", "simclr_stream")  # long-tailed, online
-METHOD_NAMES += ("carl", "uic", "ifnd_simclr", "ifnd_moco")  # issue 14
+METHOD_NAMES += ("iif", "cmo", "tsc", "rescom", "boosted", "oupn", "simclr_stream", "ncd")  # long-tailed, online, NCD
+METHOD_NAMES += ("carl", "uic", "ifnd_simclr", "ifnd_moco")  # clustering and contrast
 
 EPILOG = """examples:
   zoo train --recipe train/recipes/simclr_mnist5k.yaml --out runs/simclr
