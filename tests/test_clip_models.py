@@ -121,6 +121,9 @@ def test_release_layout_loads_through_registry(spec, caches, entry_for):
     ours = zoo.create_model(spec["name"], pretrained=True)  # converts once into $ZOO_CACHE/models/<name>
     folder = Path(caches / "zoo" / "models" / spec["name"])
     assert (folder / "model.safetensors").is_file()
+    check = json.loads((folder / "config.json").read_text())["conversion_check"]  # the importers' self-check
+    n_model = len(reference.state_dict())
+    assert check["ok"] and check["from_file"] == check["target_tensors"] == n_model and not check["left_behind"]
     checkpoint.unlink()  # offline from now on: the converted folder is all that is needed
     again = zoo.create_model(spec["name"], pretrained=True)
 

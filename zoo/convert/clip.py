@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from zoo.checkpoint import CheckpointError, load_state_dict_strict, save_model_folder
+from zoo.convert.check import ConversionCheck, account, left_behind
 from zoo.convert.common import load_checkpoint
 
 CLIP_FORMATS = ("openai_clip", "open_clip")
@@ -179,7 +180,17 @@ def convert_clip(
     state = read_clip_weights(path, fmt)
     cfg = {"name": name, "method": "clip", "converted_from": fmt, "weights_source": weights_source or str(path)}
     model = ClipModel("open_clip", arch_kwargs, pretrained_cfg=cfg)
-    load_state_dict_strict(model, {f"clip.{k}": v for k, v in state.items()}, f"{path} ({fmt} format)")
+    # The same self-check as every other importer (zoo.convert.check): each tensor of the model is an
+    # entry of the file, by name and shape, and nothing of the file is left unaccounted for.
+    prefixed = {f"clip.{k}": v for k, v in state.items()}
+    files = {id(v): k for k, v in state.items()}
+    taken, absent = account(model.state_dict(), prefixed, files, {}, f"{path} ({fmt} format)")
+    load_state_dict_strict(model, prefixed, f"{path} ({fmt} format)")
+    model.pretrained_cfg["conversion_check"] = ConversionCheck(
+        format=fmt, format_from=f"given (--format {fmt})", architecture="open_clip", arch_kwargs=dict(arch_kwargs),
+        arch_from=[f"open_clip model {arch_kwargs.get('model_name')!r} given (arch_kwargs)"], taken=taken,
+        absent=absent, file_tensors=len(files), left_behind=left_behind(files, set(taken.values())),
+    ).to_config()
     model = model.float().eval()
     if out is not None:
         save_model_folder(model, out)
