@@ -18,6 +18,7 @@ and handles the convnet, ResNet and ViT backbones with a dynamic batch axis.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -25,7 +26,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +88,29 @@ def _input_hw(model: ZooModel) -> tuple[int, int]:
     return int(size[1]), int(size[2])
 
 
+
+@contextlib.contextmanager
+def export_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no fused attention while ``torch.onnx.export`` traces ``model``; both restored after.
+
+    nn.MultiheadAttention's inference fast path (aten::_native_multi_head_attention) has no ONNX export.
+    """
+    import torch
+
+    was_training = model.training
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    model.eval()
+    try:
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
+        yield
+    finally:
+        model.train(was_training)
+        if mha is not None:
+            mha.set_fastpath_enabled(fastpath)
+
+
 def export_onnx(model: ZooModel, path: str | os.PathLike, opset: int = DEFAULT_OPSET) -> Path:
     """Export ``model`` to ``path`` (written atomically) with a dynamic batch axis and ``zoo_config`` metadata."""
     import onnx
@@ -106,14 +130,7 @@ def export_onnx(model: ZooModel, path: str | os.PathLike, opset: int = DEFAULT_O
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         kwargs["dynamo"] = False  # the torch.export-based exporter needs onnxscript
     buf = io.BytesIO()
-    was_training = model.training
-    mha = getattr(torch.backends, "mha", None)
-    fastpath = mha.get_fastpath_enabled() if mha is not None else None
-    model.eval()
-    try:
-        if mha is not None:
-            # nn.MultiheadAttention's inference fast path (aten::_native_multi_head_attention) has no ONNX export
-            mha.set_fastpath_enabled(False)
+    with export_mode(model):
         with warnings.catch_warnings():
             # torchvision's ViT checks the image size in Python (constant under tracing: H, W are fixed).
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -130,10 +147,6 @@ def export_onnx(model: ZooModel, path: str | os.PathLike, opset: int = DEFAULT_O
                 do_constant_folding=True,
                 **kwargs,
             )
-    finally:
-        model.train(was_training)
-        if mha is not None:
-            mha.set_fastpath_enabled(fastpath)
     proto = onnx.load_from_string(buf.getvalue())
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()

@@ -25,6 +25,7 @@ from serve.onnx import (
     METADATA_KEY,
     OnnxParityError,
     cache_root,
+    export_mode,
     model_fingerprint,
 )
 
@@ -65,22 +66,12 @@ def export_text_onnx(model: ClipModel, path: str | os.PathLike, opset: int = DEF
 
     dummy = model.tokenize(list(PARITY_TEXTS[:2])).ids
     buf = io.BytesIO()
-    was_training = model.training
-    mha = getattr(torch.backends, "mha", None)
-    fastpath = mha.get_fastpath_enabled() if mha is not None else None
-    model.eval()
-    try:
-        if mha is not None:
-            mha.set_fastpath_enabled(False)  # the fused attention kernel has no ONNX export
+    with export_mode(model):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(_Text(model), (dummy,), buf, input_names=[TOKENS], output_names=[TEXT_FEATURES],
                               dynamic_axes={TOKENS: {0: "batch"}, TEXT_FEATURES: {0: "batch"}},
                               opset_version=opset, do_constant_folding=True, dynamo=False)
-    finally:
-        model.train(was_training)
-        if mha is not None:
-            mha.set_fastpath_enabled(fastpath)
     proto = onnx.load_from_string(buf.getvalue())
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
