@@ -199,18 +199,23 @@ def _params(obj: Mapping[str, Any], what: str) -> dict[str, Any]:
     return params
 
 
+def json_header_length(body: bytes, header_length: str | None) -> int:
+    """Bytes of JSON at the start of an infer body (the binary extension's header), checked; ApiError(400)."""
+    if header_length is None:
+        return len(body)
+    try:
+        hl = int(header_length)
+    except ValueError:
+        raise ApiError(400, f"{INFER_HEADER} header must be an integer, got {header_length!r}") from None
+    if not 0 < hl <= len(body):
+        raise ApiError(400, f"{INFER_HEADER} = {hl} but the body has {len(body)} bytes")
+    return hl
+
+
 def parse_infer_request(body: bytes, header_length: str | None, model: ModelSpec
                         ) -> tuple[dict[str, Any], np.ndarray]:
     """The request JSON and the input images ``[B,3,H,W]`` float32 of a v2 infer request; ApiError(400) if bad."""
-    if header_length is not None:
-        try:
-            hl = int(header_length)
-        except ValueError:
-            raise ApiError(400, f"{INFER_HEADER} header must be an integer, got {header_length!r}") from None
-        if not 0 < hl <= len(body):
-            raise ApiError(400, f"{INFER_HEADER} = {hl} but the body has {len(body)} bytes")
-    else:
-        hl = len(body)
+    hl = json_header_length(body, header_length)
     req = parse_json(body if hl == len(body) else memoryview(body)[:hl])
     if not isinstance(req, dict):
         raise ApiError(400, "inference request must be a JSON object with 'inputs'")

@@ -28,6 +28,7 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
 
+from serve.kserve import json_header_length, parse_json
 from serve.onnx_text import TEXT_FEATURES, OnnxTextEncoder
 from serve.server import INFER_HEADER, MODEL_VERSION, ApiError, ServedModel, _decompress, build_infer_response
 
@@ -102,18 +103,9 @@ def query_param(request: Request, name: str) -> str | None:
 
 def parse_bytes_input(body: bytes, header_length: str | None, model: ServedModel) -> tuple[dict, list[str]]:
     """The request JSON and the strings of a KServe v2 infer request with one BYTES input."""
-    hl = len(body)
-    if header_length is not None:
-        try:
-            hl = int(header_length)
-        except ValueError:
-            raise ApiError(400, f"{INFER_HEADER} header must be an integer, got {header_length!r}") from None
-        if not 0 < hl <= len(body):
-            raise ApiError(400, f"{INFER_HEADER} = {hl} but the body has {len(body)} bytes")
-    try:
-        req = json.loads(_decode(bytes(body[:hl]), "the inference request header"))
-    except json.JSONDecodeError as e:
-        raise ApiError(400, f"inference request header is not valid JSON ({e})") from None
+    hl = json_header_length(body, header_length)
+    _decode(bytes(body[:hl]), "the inference request header")  # names bad UTF-8 as such
+    req = parse_json(bytes(body[:hl]))  # the server's hardened parser: deep nesting, NaN, huge ints are 400s
     inputs = req.get("inputs") if isinstance(req, dict) else None
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ApiError(400, f"model {model.name!r} takes one input {TEXT_INPUT!r} (BYTES, shape [N])")
