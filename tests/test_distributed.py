@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,8 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import yaml
 
 from train import clustering, distributed
@@ -37,13 +34,14 @@ from train.trainer import Trainer
 from zoo.checkpoint import load_state, save_model_folder
 from zoo.model import ZooModel
 
+from .ddp_harness import GLOBAL_BATCH, WORLD, ddp_cfg, in_float64, spawn_ranks
+from .ddp_harness import one_thread as _one_thread
+from .ddp_harness import state as _state
 from .method_checks import tiny_cfg
 
-WORLD = 2
-GLOBAL_BATCH = 32  # 16 per rank
 SAME_AS_ONE_PROCESS = ("simclr", "swav", "nnclr", "mochi", "carl", "uic", "ifnd_simclr",
                        "ifnd_moco")  # 2 ranks x batch B == 1 process x 2B
-TIGHT = 1e-9  # both sides run in float64 (_in_float64)
+TIGHT = 1e-9  # both sides run in float64 (in_float64)
 # DeepCluster's E-step on shards: PCA-whitened (moments all-reduced), and k-means trained on a sample of
 # 20 rows per cluster (200 of the 1,442 digits) before every rank assigns its own rows.
 DC_VARIANTS = {"dc_pca": {"pca_dim": 8}, "dc_sampled": {"kmeans_sample_per_cluster": 20}}
@@ -72,31 +70,7 @@ MINING_X = torch.randn(50, 8, generator=torch.Generator().manual_seed(5))
 
 
 def _cfg(method: str, **kw):
-    # NCHW: oneDNN's NHWC convolutions pick their kernels by batch size, so batch 16 and batch 32 round
-    # differently (3e-5 relative after 4 SwAV steps, whose Sinkhorn amplifies it); these tests are about
-    # the distributed semantics, which the memory format does not touch.
-    base = dict(method=method, method_kwargs=KW[method], batch_size=GLOBAL_BATCH, optimizer="sgd", lr=0.5,
-                sync_bn=True, max_steps=4, ckpt_every=100, channels_last=False)
-    return tiny_cfg(**{**base, **kw})
-
-
-def _in_float64(trainer: Trainer) -> Trainer:
-    """The trainer's method (weights, buffers, so the optimizer's tensors too) and its batches in float64.
-
-    2 ranks x batch B and 1 process x 2B sum the same terms in a different order (per-rank partial sums,
-    then the all-reduce), so in float32 they part by a few ulps per reduction, and 4 SGD steps at lr 0.5
-    amplify that to ~1e-5 (NNCLR's queue: 1.39e-5 on torch 2.15). In float64 the same amplification
-    leaves ~1e-13, so the comparison below can be 1e-9 tight: any real difference in the distributed
-    semantics (a missing gather, a per-rank queue, local BatchNorm statistics) is orders above it.
-    """
-    trainer.method.double()  # in place: the optimizer built in __init__ keeps the same Parameter objects
-    batch = trainer.data.batch
-    trainer.data.batch = lambda indices: batch(indices).double()
-    return trainer
-
-
-def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in trainer.method.state_dict().items()}
+    return ddp_cfg(method, KW, **kw)
 
 
 def _tiny_model_folder(path: Path) -> Path:
@@ -119,90 +93,79 @@ def _image_folder(path: Path) -> Path:
     return path
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _rank_body(rank: int, world: int, out: Path) -> dict:
     res: dict = {}
+    for method in SAME_AS_ONE_PROCESS:
+        t = in_float64(Trainer(_cfg(method), Path(out) / f"{method}_ddp", progress=False))
+        t.fit()
+        res[method] = {"loss": [h["loss"] for h in t.history], "state": _state(t)}
+    # MoCo: after one step the queue holds the keys of both ranks.
+    t = Trainer(_cfg("moco", max_steps=1, sync_bn=False), Path(out) / "moco_ddp", progress=False)  # shuffle BN
+    keys: list[torch.Tensor] = []
+    encode = t.method.encode_keys
+    t.method.encode_keys = lambda x, g: keys.append(encode(x, g)) or keys[-1]
+    initial_queue = t.method.queue.clone()
+    t.fit()
+    res["moco"] = {"keys": keys[0], "queue": t.method.queue.clone(), "ptr": t.method.queue_ptr.clone(),
+                   "initial_queue": initial_queue}
+    # PaCo: its in-batch contrast is per rank (as the released code), its queue takes every rank's keys.
+    t = Trainer(_cfg("paco", max_steps=1), Path(out) / "paco_ddp", progress=False)
+    paco_keys: list[torch.Tensor] = []
+    paco_labels: list[torch.Tensor] = []
+    embed_keys, batch_labels = t.method.embed_keys, t.method.batch_labels
+    t.method.embed_keys = lambda x: paco_keys.append(embed_keys(x)) or paco_keys[-1]
+    t.method.batch_labels = lambda i, c: paco_labels.append(batch_labels(i, c)) or paco_labels[-1]
+    t.fit()
+    res["paco"] = {"keys": paco_keys[0], "batch_labels": paco_labels[0], "queue": t.method.queue.clone(),
+                   "labels": t.method.queue_labels.clone(), "filled": t.method.queue_filled.clone()}
+    # Sinkhorn over the rows of both ranks; rank-consistent per-sample draws.
+    scores = torch.randn(20, 5, generator=torch.Generator().manual_seed(0))
+    res["sinkhorn"] = sinkhorn_knopp(scores[rank * 10 : (rank + 1) * 10], 0.05, 3)
+    res["gather_to_0"] = distributed.gather_rows_to(torch.full((rank + 1, 2), float(rank)))
+    with per_sample_shard(rank, world):
+        res["draws"] = rand_per_sample(6, torch.Generator().manual_seed(1))
+    # Dataset-wide steps: sharded embedding + gather, Sinkhorn labels, neighbours.
+    t = Trainer(_cfg("deepcluster"), Path(out) / "dc", progress=False)
+    res["dataset_features"] = embed_dataset(t.method.model, t.context(0))
+    t = Trainer(_cfg("sela"), Path(out) / "sela", progress=False)
+    t.method.update_labels(t.context(0))
+    res["sela_labels"] = t.method.labels.clone()
+    # DeepCluster / PCL E-steps on features kept in shards; record what k-means gathers.
+    gathered: list[list[int]] = []
+    real_gather = clustering.gather_rows_to
+    clustering.gather_rows_to = lambda x: gathered.append(list(x.shape)) or real_gather(x)
     try:
-        for method in SAME_AS_ONE_PROCESS:
-            t = _in_float64(Trainer(_cfg(method), Path(out) / f"{method}_ddp", progress=False))
-            t.fit()
-            res[method] = {"loss": [h["loss"] for h in t.history], "state": _state(t)}
-        # MoCo: after one step the queue holds the keys of both ranks.
-        t = Trainer(_cfg("moco", max_steps=1, sync_bn=False), Path(out) / "moco_ddp", progress=False)  # shuffle BN
-        keys: list[torch.Tensor] = []
-        encode = t.method.encode_keys
-        t.method.encode_keys = lambda x, g: keys.append(encode(x, g)) or keys[-1]
-        initial_queue = t.method.queue.clone()
-        t.fit()
-        res["moco"] = {"keys": keys[0], "queue": t.method.queue.clone(), "ptr": t.method.queue_ptr.clone(),
-                       "initial_queue": initial_queue}
-        # PaCo: its in-batch contrast is per rank (as the released code), its queue takes every rank's keys.
-        t = Trainer(_cfg("paco", max_steps=1), Path(out) / "paco_ddp", progress=False)
-        paco_keys: list[torch.Tensor] = []
-        paco_labels: list[torch.Tensor] = []
-        embed_keys, batch_labels = t.method.embed_keys, t.method.batch_labels
-        t.method.embed_keys = lambda x: paco_keys.append(embed_keys(x)) or paco_keys[-1]
-        t.method.batch_labels = lambda i, c: paco_labels.append(batch_labels(i, c)) or paco_labels[-1]
-        t.fit()
-        res["paco"] = {"keys": paco_keys[0], "batch_labels": paco_labels[0], "queue": t.method.queue.clone(),
-                       "labels": t.method.queue_labels.clone(), "filled": t.method.queue_filled.clone()}
-        # Sinkhorn over the rows of both ranks; rank-consistent per-sample draws.
-        scores = torch.randn(20, 5, generator=torch.Generator().manual_seed(0))
-        res["sinkhorn"] = sinkhorn_knopp(scores[rank * 10 : (rank + 1) * 10], 0.05, 3)
-        res["gather_to_0"] = distributed.gather_rows_to(torch.full((rank + 1, 2), float(rank)))
-        with per_sample_shard(rank, world):
-            res["draws"] = rand_per_sample(6, torch.Generator().manual_seed(1))
-        # Dataset-wide steps: sharded embedding + gather, Sinkhorn labels, neighbours.
-        t = Trainer(_cfg("deepcluster"), Path(out) / "dc", progress=False)
-        res["dataset_features"] = embed_dataset(t.method.model, t.context(0))
-        t = Trainer(_cfg("sela"), Path(out) / "sela", progress=False)
-        t.method.update_labels(t.context(0))
-        res["sela_labels"] = t.method.labels.clone()
-        # DeepCluster / PCL E-steps on features kept in shards; record what k-means gathers.
-        gathered: list[list[int]] = []
-        real_gather = clustering.gather_rows_to
-        clustering.gather_rows_to = lambda x: gathered.append(list(x.shape)) or real_gather(x)
-        try:
-            for key, kw in DC_VARIANTS.items():
-                t = Trainer(_cfg("deepcluster", method_kwargs={**KW["deepcluster"], **kw}), Path(out) / key,
-                            progress=False)
-                res[key] = t.method.cluster(t.context(0))
-            res["dc_gathered"] = [shape for shape in gathered if len(shape) == 2]  # features, not indices
-            t = Trainer(_cfg("pcl"), Path(out) / "pcl", progress=False)
-            t.method.on_epoch_start(t.context(0))
-            res["pcl"] = {k: v.clone() for k, v in t.method.state_dict().items() if k.startswith(
-                ("assignments", "prototypes", "phi"))}
-        finally:
-            clustering.gather_rows_to = real_gather
-        t = Trainer(_cfg("scan"), Path(out) / "scan", progress=False)
-        scan_gathers: list[tuple] = []
-        real_scan_gather = scan_module.gather_dataset
-        scan_module.gather_dataset = lambda r, i, n: scan_gathers.append((r.dtype, *r.shape)) or real_scan_gather(r, i, n)
-        try:
-            t.method.on_train_start(t.context(0))
-        finally:
-            scan_module.gather_dataset = real_scan_gather
-        res["scan_neighbors"] = t.method.neighbors.clone()
-        res["scan_gathers"] = scan_gathers
-        lo, hi = distributed.shard_range(50)
-        res["mined"] = scan_module.mine_neighbors_sharded(MINING_X[lo:hi], 50, 4)
-        # Sharded embedding of a dataset and of a folder.
-        embed(Path(out) / "model", Path(out) / "emb_data", data="digits", split="test", batch_size=100,
-              progress=False)
-        embed(Path(out) / "model", Path(out) / "emb_images", images=Path(out) / "images", batch_size=3,
-              progress=False)
-        embed(Path(out) / "model", Path(out) / "emb_shards", data="digits", split="test", merge=False,
-              progress=False)
-        torch.save(res, Path(out) / f"rank{rank}.pt")
+        for key, kw in DC_VARIANTS.items():
+            t = Trainer(_cfg("deepcluster", method_kwargs={**KW["deepcluster"], **kw}), Path(out) / key,
+                        progress=False)
+            res[key] = t.method.cluster(t.context(0))
+        res["dc_gathered"] = [shape for shape in gathered if len(shape) == 2]  # features, not indices
+        t = Trainer(_cfg("pcl"), Path(out) / "pcl", progress=False)
+        t.method.on_epoch_start(t.context(0))
+        res["pcl"] = {k: v.clone() for k, v in t.method.state_dict().items() if k.startswith(
+            ("assignments", "prototypes", "phi"))}
     finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        clustering.gather_rows_to = real_gather
+    t = Trainer(_cfg("scan"), Path(out) / "scan", progress=False)
+    scan_gathers: list[tuple] = []
+    real_scan_gather = scan_module.gather_dataset
+    scan_module.gather_dataset = lambda r, i, n: scan_gathers.append((r.dtype, *r.shape)) or real_scan_gather(r, i, n)
+    try:
+        t.method.on_train_start(t.context(0))
+    finally:
+        scan_module.gather_dataset = real_scan_gather
+    res["scan_neighbors"] = t.method.neighbors.clone()
+    res["scan_gathers"] = scan_gathers
+    lo, hi = distributed.shard_range(50)
+    res["mined"] = scan_module.mine_neighbors_sharded(MINING_X[lo:hi], 50, 4)
+    # Sharded embedding of a dataset and of a folder.
+    embed(Path(out) / "model", Path(out) / "emb_data", data="digits", split="test", batch_size=100,
+          progress=False)
+    embed(Path(out) / "model", Path(out) / "emb_images", images=Path(out) / "images", batch_size=3,
+          progress=False)
+    embed(Path(out) / "model", Path(out) / "emb_shards", data="digits", split="test", merge=False,
+          progress=False)
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -210,26 +173,23 @@ def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("ddp")
     _tiny_model_folder(out / "model")
     _image_folder(out / "images")
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD)
-    return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return out, spawn_ranks(_rank_body, out)
 
 
 @pytest.fixture
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with _one_thread():
+        yield
 
 
 @pytest.mark.parametrize("method", SAME_AS_ONE_PROCESS)
 def test_two_ranks_with_batch_b_equal_one_process_with_2b(ranks, method, tmp_path, one_thread):
     _, res = ranks
-    one = _in_float64(Trainer(_cfg(method), tmp_path, progress=False))
+    one = in_float64(Trainer(_cfg(method), tmp_path, progress=False))
     one.fit()
     ref = _state(one)
     ddp = res[0][method]
-    # the logged losses are float32 (reduce_outputs), so 1e-6 relative; the float64 state 1e-9 (_in_float64)
+    # the logged losses are float32 (reduce_outputs), so 1e-6 relative; the float64 state 1e-9 (in_float64)
     np.testing.assert_allclose(ddp["loss"], [h["loss"] for h in one.history], rtol=1e-6, atol=1e-7)
     assert len(ddp["loss"]) == 4 and ddp["loss"][-1] != ddp["loss"][0]  # it trained
     for key, value in ref.items():
@@ -239,7 +199,7 @@ def test_two_ranks_with_batch_b_equal_one_process_with_2b(ranks, method, tmp_pat
         torch.testing.assert_close(res[1][method]["state"][key], ddp["state"][key], rtol=0, atol=0)  # DDP in sync
     # What the tolerance must catch: one process with batch B (a rank training on its own rows only)
     # parts from the 2B run by far more than TIGHT.
-    alone = _in_float64(Trainer(_cfg(method, batch_size=GLOBAL_BATCH // WORLD), tmp_path / "alone", progress=False))
+    alone = in_float64(Trainer(_cfg(method, batch_size=GLOBAL_BATCH // WORLD), tmp_path / "alone", progress=False))
     alone.fit()
     gap = max(float((alone.method.state_dict()[k] - v).abs().max()) for k, v in ref.items()
               if v.is_floating_point() and alone.method.state_dict()[k].shape == v.shape)

@@ -3,101 +3,84 @@
 TSC's class centres and Hungarian assignment, boosted contrastive learning's memorisation buffers and
 CMO's minority draws are global state: two ranks with batch B must end where one process with 2B
 does. OUPN's prototype memory must be the same on both ranks, built from both ranks' images.
-ResCom's class-balanced queue must hold every rank's keys, in rank order, on every rank.
-Tolerances as tests/test_distributed.py: 1e-5 for what is computed, exact for what is copied.
+ResCom's class-balanced queue must hold every rank's keys, in rank order, on every rank. NCD's adaptive
+novel prototypes (k-means++ seeds from the global batch, then EMA updates with every rank's rows and the
+Sinkhorn assignment over all ranks) must match one process with the global batch.
+Tolerances as tests/test_distributed.py: 1e-5 for what is computed in float32 (1e-6 for NCD, run in float64
+as there but with float32 Sinkhorn targets), exact for what is copied. The harness (spawning, configs, float64) is tests/ddp_harness.py.
 """
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from train.methods.rescom import ResCom
 from train.trainer import Trainer
 from zoo.model import ZooModel
 
-from .method_checks import tiny_cfg
+from .ddp_harness import GLOBAL_BATCH, WORLD, ddp_cfg, in_float64, one_thread, spawn_ranks, state
 
-WORLD = 2
-GLOBAL_BATCH = 32
 KW = {
     "tsc": {"proj_hidden_dim": 32, "proj_dim": 16, "target_steps": 50},
     "boosted": {"proj_hidden_dim": 32, "proj_dim": 16, "memo_momentum": 0.5},
     "supervised": {"cmo": 1.0},
     "oupn": {"proj_hidden_dim": 32, "proj_dim": 16, "max_prototypes": 20, "novelty_threshold": 0.5},
     "rescom": {"proj_hidden_dim": 32, "proj_dim": 16, "queue_per_class": 4, "hard_positives": 2, "hard_negatives": 8},
+    "ncd": {"proj_hidden_dim": 32, "proj_dim": 16, "momentum": 0.5},  # digits: classes 0-4 labelled, 5-9 novel
 }
+# NCD runs in float64 on both sides, but its Sinkhorn targets are computed in float32 (ncd.py casts the
+# scores up for bf16 autocast, and so down from float64): 1e-7 relative per step, hence 1e-6.
+NCD_TOL = 1e-6
 SAME_AS_ONE_PROCESS = ("tsc", "boosted", "supervised")
 
 
 def _cfg(method: str, **kw):
-    base = dict(method=method, method_kwargs=KW[method], batch_size=GLOBAL_BATCH, optimizer="sgd", lr=0.5,
-                sync_bn=True, max_steps=4, ckpt_every=100, channels_last=False)
-    return tiny_cfg(**{**base, **kw})
+    return ddp_cfg(method, KW, **kw)
 
 
-def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in trainer.method.state_dict().items()}
-
-
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _rank_body(rank: int, world: int, out: Path) -> dict:
     res: dict = {}
-    try:
-        for method in SAME_AS_ONE_PROCESS:
-            t = Trainer(_cfg(method), Path(out) / f"{method}_ddp", progress=False)
-            t.fit()
-            res[method] = {"loss": [h["loss"] for h in t.history], "state": _state(t)}
-        t = Trainer(_cfg("rescom", max_steps=1), Path(out) / "rescom_ddp", progress=False)
-        keys: list[torch.Tensor] = []
-        labels: list[torch.Tensor] = []
-        embed_keys, batch_labels = t.method.embed_keys, t.method.batch_labels
-        t.method.embed_keys = lambda x: keys.append(embed_keys(x)) or keys[-1]
-        t.method.batch_labels = lambda i, c: labels.append(batch_labels(i, c)) or labels[-1]
+    for method in SAME_AS_ONE_PROCESS:
+        t = Trainer(_cfg(method), Path(out) / f"{method}_ddp", progress=False)
         t.fit()
-        res["rescom"] = {"keys": torch.cat(keys), "labels": labels[0], "queue": t.method.queue.clone(),
-                         "filled": t.method.queue_filled.clone(), "ptr": t.method.queue_ptr.clone()}
-        t = Trainer(_cfg("oupn", max_steps=3), Path(out) / "oupn_ddp", progress=False)
-        seen: list[torch.Tensor] = []
-        step = t.method.training_step
-        t.method.training_step = lambda x, i, c: seen.append(i.clone()) or step(x, i, c)
-        t.fit()
-        res["oupn"] = {"state": _state(t), "indices": torch.cat(seen)}
-        torch.save(res, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        res[method] = {"loss": [h["loss"] for h in t.history], "state": state(t)}
+    t = Trainer(_cfg("rescom", max_steps=1), Path(out) / "rescom_ddp", progress=False)
+    keys: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    embed_keys, batch_labels = t.method.embed_keys, t.method.batch_labels
+    t.method.embed_keys = lambda x: keys.append(embed_keys(x)) or keys[-1]
+    t.method.batch_labels = lambda i, c: labels.append(batch_labels(i, c)) or labels[-1]
+    t.fit()
+    res["rescom"] = {"keys": torch.cat(keys), "labels": labels[0], "queue": t.method.queue.clone(),
+                     "filled": t.method.queue_filled.clone(), "ptr": t.method.queue_ptr.clone()}
+    t = Trainer(_cfg("oupn", max_steps=3), Path(out) / "oupn_ddp", progress=False)
+    seen: list[torch.Tensor] = []
+    step = t.method.training_step
+    t.method.training_step = lambda x, i, c: seen.append(i.clone()) or step(x, i, c)
+    t.fit()
+    res["oupn"] = {"state": state(t), "indices": torch.cat(seen)}
+    t = in_float64(Trainer(_cfg("ncd"), Path(out) / "ncd_ddp", progress=False))
+    t.fit()
+    res["ncd"] = {"loss": [h["loss"] for h in t.history], "state": state(t)}
+    return res
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp_lt")
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return spawn_ranks(_rank_body, out)
 
 
 @pytest.mark.parametrize("method", SAME_AS_ONE_PROCESS)
 def test_two_ranks_with_batch_b_equal_one_process_with_2b(ranks, method, tmp_path):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         one = Trainer(_cfg(method), tmp_path, progress=False)
         one.fit()
-    finally:
-        torch.set_num_threads(before)
-    ref = _state(one)
+    ref = state(one)
     ddp = ranks[0][method]
     np.testing.assert_allclose(ddp["loss"], [h["loss"] for h in one.history], rtol=1e-5, atol=1e-6)
     for key, value in ref.items():
@@ -136,3 +119,26 @@ def test_oupn_memory_is_global(ranks):
     assert not set(a["indices"].tolist()) & set(b["indices"].tolist())  # the ranks saw different images
     pred = a["state"]["online_pred"]
     assert (pred[both] >= 0).all() and int((pred >= 0).sum()) == both.numel()  # every rank's arrivals recorded
+
+
+def test_ncd_prototypes_two_ranks_with_batch_b_equal_one_process_with_2b(ranks, tmp_path):
+    with one_thread():
+        one = in_float64(Trainer(_cfg("ncd"), tmp_path / "one", progress=False))
+        one.fit()
+        alone = in_float64(Trainer(_cfg("ncd", batch_size=GLOBAL_BATCH // WORLD), tmp_path / "alone", progress=False))
+        alone.fit()
+    ref, ddp = state(one), ranks[0]["ncd"]
+    np.testing.assert_allclose(ddp["loss"], [h["loss"] for h in one.history], rtol=1e-6, atol=1e-7)
+    assert len(ddp["loss"]) == 4 and ddp["loss"][-1] != ddp["loss"][0]  # it trained
+    for key, value in ref.items():
+        if value.dtype == torch.bool:
+            assert torch.equal(ddp["state"][key], value), key
+        else:
+            torch.testing.assert_close(ddp["state"][key], value, rtol=NCD_TOL, atol=NCD_TOL,
+                                       msg=lambda m, k=key: f"{k}: {m}")
+        assert torch.equal(ranks[1]["ncd"]["state"][key], ddp["state"][key]), key  # the same prototypes everywhere
+    protos = ref["novel_prototypes"]
+    assert bool(ref["initialised"]) and protos.norm(dim=1).min() > 0.1  # seeded and moved, not the zero buffer
+    assert torch.cdist(protos, protos)[~torch.eye(len(protos), dtype=torch.bool)].min() > 1e-3  # 5 distinct ones
+    # What the tolerance must catch: a rank on its own rows (one process with batch B) ends elsewhere.
+    assert float((alone.method.novel_prototypes - protos).abs().max()) > 1e-3
