@@ -20,6 +20,7 @@ EPILOG_EVAL = (
     "         zoo eval simclr_convnet_mnist5k --protocol fewshot --ways 5 --shots 1,5 --episodes 600\n"
     "         zoo eval simclr_convnet_mnist5k --data mnist5k_lt100 --protocol longtail\n"
     "         zoo eval simclr_convnet_mnist5k --protocol lowlabel --fractions 0.01,0.1\n"
+    "         zoo eval simclr_convnet_mnist5k --protocol lowlabel --lowlabel-mode finetune\n"
     "         zoo eval runs/simclr_shapes/model --data shapes --protocol bgswap\n"
     "         zoo eval clip_convnet_shapes --protocol zeroshot --data shapes --json zs.json\n"
     "         zoo eval clip_vitb32_openai --protocol zeroshot --data imagefolder --data-root imagenet/val\n"
@@ -148,7 +149,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         metrics = evaluate(model, data, protocols=protocols, batch_size=args.batch_size, device=args.device,
                            progress=not args.quiet, seed=args.seed, rlp_clusters=args.clusters,
                            fewshot_ways=args.ways, fewshot_shots=args.shots, fewshot_episodes=args.episodes,
-                           lowlabel_fractions=args.fractions, **data_kwargs)
+                           lowlabel_fractions=args.fractions, lowlabel_mode=args.lowlabel_mode,
+                           finetune_steps=args.finetune_steps, **data_kwargs)
         rows = [{"metric": k, "value": v} for k, v in metrics.items() if isinstance(v, float)
                 and not k.startswith("rlp_")]
         if rows:
@@ -265,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "class names, top-1/top-5), retrieval (text->image recall, shapes_captions); none: plots only")
     p.add_argument("--fractions", type=_fractions, default=None,
                    help="lowlabel: comma list of labelled fractions of the train split (default 0.01,0.1)")
+    p.add_argument("--lowlabel-mode", default="linear", choices=("linear", "finetune", "both"),
+                   help="lowlabel: linear probe + kNN on frozen features (default), fine-tune the encoder with a "
+                        "linear head on the same subsets, or both")
+    p.add_argument("--finetune-steps", type=int, default=None,
+                   help="lowlabel fine-tune: optimiser steps per fraction (default 200, batch 64)")
     p.add_argument("--json", help="write the metrics as JSON to this file")
     p.add_argument("--write-metrics", action="store_true", help="store the metrics in the model folder's config and card")
     _add_protocol_options(p)

@@ -31,6 +31,7 @@ ALL_PROTOCOLS: tuple[str, ...] = (*PROTOCOLS, "fewshot", "rlp", "longtail", "low
                                   "retrieval")
 _TEXT_PROTOCOLS = ("zeroshot", "retrieval")  # image-text models only (zoo.eval.zeroshot)
 _NEEDS_TRAIN = frozenset({"knn", "linear", "rlp", "longtail", "lowlabel", "bgswap"})
+LOWLABEL_MODES: tuple[str, ...] = ("linear", "finetune", "both")  # frozen-feature probe, fine-tuning, or both
 _FEWSHOT_SHOTS = (1, 5)
 
 # Linear-probe settings used by evaluate_features (reported in the "protocol" string).
@@ -198,6 +199,8 @@ def evaluate(
     fewshot_shots: int | Iterable[int] = _FEWSHOT_SHOTS,
     fewshot_episodes: int = 600,
     lowlabel_fractions: Iterable[float] | None = None,
+    lowlabel_mode: str = "linear",
+    finetune_steps: int | None = None,
     **dataset_kwargs: Any,
 ) -> dict[str, Any]:
     """Extract train/test features of ``model`` on a named dataset and run :func:`evaluate_features`.
@@ -210,10 +213,16 @@ def evaluate(
     ``rlp`` takes the concept labels from the datasets' ``.concepts`` (``shapes``) and raises a
     ``ValueError`` for a dataset without them; ``longtail`` needs a long-tailed dataset
     (``mnist5k_lt100``, ``shapes_lt10``, ...). Both are checked before any feature is extracted.
+
+    ``lowlabel_mode``: ``linear`` (linear probe and kNN on frozen features), ``finetune`` (encoder +
+    linear head fine-tuned on the same subsets, :func:`zoo.eval.finetune.finetune_lowlabel`, keys
+    ``lowlabel_{tag}_finetune``; ``finetune_steps`` optimiser steps per fraction) or ``both``.
     """
     from zoo.data import load_dataset, transform_for
 
     protocols = _check_protocols(protocols)
+    if lowlabel_mode not in LOWLABEL_MODES:
+        raise ValueError(f"lowlabel_mode must be one of {', '.join(LOWLABEL_MODES)}, got {lowlabel_mode!r}")
     if "longtail" in protocols:
         from zoo.data.longtail import parse_longtail_name
 
@@ -259,15 +268,33 @@ def evaluate(
         test["concepts"] = concepts["test"]
     if "bgswap" in protocols:
         test["bgswap_features"] = extract_features(model, _swapped_test(test_ds, seed), **opts)["features"]
+    finetuned: dict[str, float] = {}
+    if "lowlabel" in protocols and lowlabel_mode in ("finetune", "both"):
+        from zoo.eval.finetune import finetune_lowlabel
+        from zoo.eval.lowlabel import DEFAULT_FRACTIONS
+
+        steps = {} if finetune_steps is None else {"steps": finetune_steps}
+        finetuned = finetune_lowlabel(model, train_ds, test_ds, lowlabel_fractions or DEFAULT_FRACTIONS, seed=seed,
+                                      progress=progress, **steps)
+        if lowlabel_mode == "finetune":
+            protocols = tuple(p for p in protocols if p != "lowlabel")
     results: dict[str, Any] = evaluate_features(
         train, test, protocols=protocols, k=k, temperature=temperature, seed=seed, rlp_clusters=rlp_clusters,
         fewshot_ways=fewshot_ways, fewshot_shots=fewshot_shots, fewshot_episodes=fewshot_episodes,
         lowlabel_fractions=lowlabel_fractions,
     )
+    results.update(finetuned)
     num_classes = int(np.unique(test["labels"]).shape[0])
     fewshot = ", ".join(k_ for k_ in results if k_.startswith("fewshot_") and not k_.endswith("_ci95"))
     fewshot = f"{fewshot_episodes} seeded {fewshot.replace('fewshot_', '')}".strip()
     protocol = _protocol_string(protocols, k, temperature, num_classes, rlp_clusters, fewshot)
+    if finetuned:
+        from zoo.eval.finetune import FINETUNE_DEFAULTS
+
+        ft = {**FINETUNE_DEFAULTS, **({} if finetune_steps is None else {"steps": finetune_steps})}
+        protocol = "; ".join(p for p in [protocol, (
+            f"low-label fine-tune: encoder + linear head on the same subsets, {ft['optimizer']} lr {ft['lr']:g} "
+            f"cosine, {ft['steps']} steps of {ft['batch_size']}, wd {ft['weight_decay']:g}, no augmentation")] if p)
     if text_results:
         results.update(text_results)
         protocol = "; ".join([protocol, *text_parts])
