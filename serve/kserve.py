@@ -53,9 +53,14 @@ class ModelSpec(Protocol):
 # ----------------------------------------------------------------------------------------- JSON
 
 
-def _pause() -> None:
-    """Release the GIL now (``sleep(0)``) between conversion steps, so the event loop runs at once."""
-    time.sleep(0)
+def _pause(done: int, total: int) -> None:
+    """Release the GIL (``sleep(0)``) between conversion steps, so the event loop runs at once.
+
+    Only when more steps follow: a one-step tensor (every single-image request) must not yield, since
+    ``sleep(0)`` gives the core away to any other runnable process and costs the event loop its slice.
+    """
+    if done < total:
+        time.sleep(0)
 
 
 def _parse_int(s: str) -> int:
@@ -95,7 +100,7 @@ def check_fp32_tensor(arr: np.ndarray, name: str) -> np.ndarray:
     for i in range(0, flat.size, _CHUNK):
         part = flat[i:i + _CHUNK]
         ok = np.abs(part) <= FP32_MAX  # NaN compares False
-        _pause()
+        _pause(i + _CHUNK, flat.size)
         if not ok.all():
             bad = i + int(np.argmin(ok))
             break
@@ -121,7 +126,7 @@ def _kinds(level: list) -> set[type]:
     kinds: set[type] = set()
     for i in range(0, len(level), _CHUNK):
         kinds.update(map(type, level[i:i + _CHUNK]))
-        _pause()
+        _pause(i + _CHUNK, len(level))
     return kinds
 
 
@@ -160,7 +165,7 @@ def fp32_from_json_data(data: Any, name: str, shape: Sequence[int]) -> np.ndarra
     try:
         for i in range(0, count, _CHUNK):
             arr[i:i + _CHUNK] = level[i:i + _CHUNK]
-            _pause()
+            _pause(i + _CHUNK, count)
     except OverflowError:  # an integer beyond float64
         raise ApiError(400, f"input {name!r}: data holds an integer outside the FP32 range") from None
     return check_fp32_tensor(arr, name).reshape(shape)
