@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import threading
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -75,11 +76,24 @@ def _parse_constant(s: str) -> float:
     return float(s)  # NaN / Infinity / -Infinity: parsed, then refused where a tensor holds them
 
 
+# One decoder per thread, reused: json.loads(..., parse_int=...) builds a new decoder (and scanner) per
+# call; per thread because the parse hooks can hand the GIL over mid-document.
+_DECODERS = threading.local()
+
+
+def _decoder() -> json.JSONDecoder:
+    dec = getattr(_DECODERS, "dec", None)
+    if dec is None:
+        dec = _DECODERS.dec = json.JSONDecoder(parse_int=_parse_int, parse_float=_parse_float,
+                                               parse_constant=_parse_constant)
+    return dec
+
+
 def parse_json(raw: bytes | memoryview, what: str = "inference request header") -> Any:
     """``json.loads`` for untrusted bytes; ApiError(400) naming the problem for anything malformed."""
     try:
-        return json.loads(raw if isinstance(raw, bytes) else bytes(raw), parse_int=_parse_int, parse_float=_parse_float,
-                          parse_constant=_parse_constant)
+        raw = raw if isinstance(raw, bytes) else bytes(raw)
+        return _decoder().decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))  # as json.loads does
     except RecursionError:
         raise ApiError(400, f"{what} is nested too deeply to parse") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers over 4300 digits
