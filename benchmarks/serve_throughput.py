@@ -342,6 +342,7 @@ def merge_halves(a: dict, b: dict) -> dict:
         "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
         "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
         "errors": a["errors"] + b["errors"],
+        "server_failures": a.get("server_failures", 0) + b.get("server_failures", 0),
         "first_error": a["first_error"] or b["first_error"],
         "duration_s": a["duration_s"] + b["duration_s"],
         "halves_img_s": [a["img_s"], b["img_s"]],
@@ -399,9 +400,13 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> dict:
                     half = run_load_h2load(protocol, url, files, c, warmup, duration / 2)
                 m1 = side.batch_counts()
                 half.update(duration_s=duration / 2, images=m1[0] - m0[0], calls=m1[1] - m0[1])
-                if files is not None and m1[2] > m0[2]:  # failures h2load cannot see (gRPC status trailers)
-                    half["errors"] += int(m1[2] - m0[2])
-                    half["first_error"] = half["first_error"] or "the server counted failed requests"
+                # Failures h2load cannot see (gRPC status trailers). When h2load stops it resets the requests
+                # still in flight (at most c), which Triton counts as failed: those are reported apart.
+                failed = int(m1[2] - m0[2]) if files is not None else 0
+                half["server_failures"] = failed
+                if failed > c:
+                    half["errors"] += failed
+                    half["first_error"] = half["first_error"] or f"the server counted {failed} failed requests"
                 halves[server, protocol].append(half)
             point = []
             for (server, protocol), (a, b) in halves.items():
