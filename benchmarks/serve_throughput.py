@@ -10,9 +10,14 @@ over its HTTP and its gRPC; in-process onnxruntime (``OnnxEncoder.run``) at ``--
 other names are zoo models, pretrained when they have weights.
 
 Both servers run at once with the same batching settings (``--max-batch-size``, ``--max-queue-delay-ms``)
-and onnxruntime threads (``--threads``, 0 = all cores). Load comes from this process: ``c`` threads, one
-``tritonclient.http`` / ``tritonclient.grpc`` client each (the same client for both servers), single-image
-requests with binary / raw tensors, for ``--duration`` seconds after ``--warmup`` (longer for slow models:
+and onnxruntime threads (``--threads``, 0 = all cores). Load: ``--client h2load`` (the default when
+installed; Debian ``nghttp2-client``): nghttp2's C load generator, ``c`` connections with one request in
+flight each, replaying one serialised single-image request (HTTP/1.1 v2 binary tensors; gRPC
+``ModelInfer`` with ``raw_input_contents``), checked once per server before it is replayed; or
+``--client python``: ``c`` threads in this process, one ``tritonclient.http`` / ``tritonclient.grpc``
+client each. The same client drives both servers. A Python client spends about as much CPU per
+request as the server, on the same cores; h2load about 40 us. Each point runs for ``--duration``
+seconds after ``--warmup`` (longer for slow models:
 at least ``--rounds`` rounds of ``c`` requests at the baseline rate). For each concurrency the four
 server/protocol pairs run for half that time each in order, then again in reverse order (ABBA), then
 the in-process baseline again, so every point is bracketed by two baseline runs and its ratio uses
@@ -28,6 +33,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -68,17 +74,17 @@ def inprocess_throughput(enc, x: np.ndarray, seconds: float, min_runs: int = 3) 
             return n / elapsed
 
 
-def scrape(url: str, images: str, calls: str) -> tuple[float, float]:
-    """Two counters (summed over labels) from a Prometheus text endpoint."""
+def scrape(url: str, *names: str) -> tuple[float, ...]:
+    """Counters (each summed over its labels) from a Prometheus text endpoint."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    out = {images: 0.0, calls: 0.0}
+    out = dict.fromkeys(names, 0.0)
     for fam in text_string_to_metric_families(httpx.get(url, timeout=10).text):
         for s in fam.samples:
             if s.name in out:
                 out[s.name] += s.value
-    return out[images], out[calls]
+    return tuple(out[n] for n in names)
 
 
 def free_port() -> int:
@@ -119,9 +125,10 @@ class ServerProcess:
                 raise RuntimeError(f"server did not start: {self.log.read()[-2000:]}")
             time.sleep(0.2)
 
-    def batch_counts(self) -> tuple[float, float]:
-        """(images, encoder calls) so far, from ``/metrics``."""
-        return scrape(f"http://{self.url}/metrics", "zoo_batch_size_sum", "zoo_batch_size_count")
+    def batch_counts(self) -> tuple[float, float, float]:
+        """(images, encoder calls, failed requests) so far, from ``/metrics``."""
+        return scrape(f"http://{self.url}/metrics", "zoo_batch_size_sum", "zoo_batch_size_count",
+                      "zoo_http_failures_total")
 
     def __exit__(self, *exc) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -150,9 +157,9 @@ class TritonSide:
         self.url, self.grpc_url = self.server.http_address, self.server.grpc_address
         return self
 
-    def batch_counts(self) -> tuple[float, float]:
+    def batch_counts(self) -> tuple[float, float, float]:
         return scrape(f"http://127.0.0.1:{self.server.metrics_port}/metrics", "nv_inference_count_total",
-                      "nv_inference_exec_count_total")  # the parser adds _total to counters
+                      "nv_inference_exec_count_total", "nv_inference_request_failure_total")  # parser adds _total
 
     def __exit__(self, *exc) -> None:
         self.server.stop()
@@ -232,6 +239,99 @@ def run_load(protocol: str, url: str, model_name: str, shape: tuple[int, ...], c
     }
 
 
+class RequestFiles:
+    """One single-image request, serialised once, for h2load: the KServe v2 HTTP body (JSON header +
+    binary tensor) and the gRPC ``ModelInfer`` message in its 5-byte gRPC frame."""
+
+    def __init__(self, model_name: str, shape: tuple[int, ...], folder: Path):
+        import struct
+
+        from tritonclient.grpc import service_pb2
+
+        x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
+        header = json.dumps({"inputs": [{"name": "images", "shape": [1, *shape], "datatype": "FP32",
+                                         "parameters": {"binary_data_size": x.nbytes}}],
+                             "outputs": [{"name": "features", "parameters": {"binary_data": True}}]}).encode()
+        self.model_name, self.header_length = model_name, len(header)
+        self.http = folder / f"{model_name}.http.bin"
+        self.http.write_bytes(header + x.tobytes())
+        req = service_pb2.ModelInferRequest(model_name=model_name)
+        inp = req.inputs.add(name="images", datatype="FP32")
+        inp.shape.extend([1, *shape])
+        req.outputs.add(name="features")
+        req.raw_input_contents.append(x.tobytes())
+        msg = req.SerializeToString()
+        self.grpc = folder / f"{model_name}.grpc.bin"
+        self.grpc.write_bytes(b"\0" + struct.pack(">I", len(msg)) + msg)
+
+    def check(self, protocol: str, url: str) -> None:
+        """Send the exact bytes h2load will replay once, and check the answer is the features tensor."""
+        import grpc
+        import httpx
+        from tritonclient.grpc import service_pb2
+
+        if protocol == "http":
+            r = httpx.post(f"http://{url}/v2/models/{self.model_name}/infer", content=self.http.read_bytes(),
+                           headers={"Content-Type": "application/octet-stream",
+                                    "Inference-Header-Content-Length": str(self.header_length)}, timeout=300)
+            hl = int(r.headers.get("inference-header-content-length", "0"))
+            if r.status_code != 200 or not hl or json.loads(r.content[:hl])["outputs"][0]["name"] != "features":
+                raise RuntimeError(f"{url}: the h2load HTTP request is not answered as expected: {r.status_code} "
+                                   f"{r.content[:300]!r}")
+            return
+        with grpc.insecure_channel(url) as channel:
+            call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                       request_serializer=lambda b: b,
+                                       response_deserializer=service_pb2.ModelInferResponse.FromString)
+            resp = call(self.grpc.read_bytes()[5:], timeout=300)
+        if [o.name for o in resp.outputs] != ["features"] or not resp.raw_output_contents[0]:
+            raise RuntimeError(f"{url}: the h2load gRPC request is not answered as expected: {resp}")
+
+
+def run_load_h2load(protocol: str, url: str, files: RequestFiles, concurrency: int, warmup: float,
+                    duration: float) -> dict[str, float]:
+    """``h2load`` (nghttp2's C load generator): ``concurrency`` connections, one request in flight on each.
+
+    A Python client costs as much CPU per request as the server does, on the same cores; h2load costs
+    ~40 us (measured), so the figures are the servers'. HTTP/1.1 (``--h1``) for the v2 HTTP endpoint,
+    HTTP/2 with gRPC framing for ``ModelInfer``. Its per-request log gives the latencies; gRPC failures
+    (HTTP 200 with a non-zero grpc-status trailer, invisible to h2load) are counted from the server's
+    failure counter by the caller.
+    """
+    import subprocess as sp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "requests.log"
+        cmd = ["h2load", "-D", f"{int(duration * 1000)}ms", "--warm-up-time", f"{int(warmup * 1000)}ms",
+               "-c", str(concurrency), "-t", "1", "-m", "1", f"--log-file={log}"]
+        if protocol == "http":
+            cmd += ["--h1", "-H", "content-type: application/octet-stream",
+                    "-H", f"inference-header-content-length: {files.header_length}", "-d", str(files.http),
+                    f"http://{url}/v2/models/{files.model_name}/infer"]
+        else:
+            cmd += ["-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(files.grpc),
+                    f"http://{url}/inference.GRPCInferenceService/ModelInfer"]
+        out = sp.run(cmd, capture_output=True, text=True, timeout=warmup + duration + 120)
+        rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    lat = np.array([int(r[2]) / 1000 for r in rows if r[1] == "200"], dtype=float)
+    bad = [r[1] for r in rows if r[1] != "200"]
+    summary = next((line for line in out.stdout.splitlines() if line.startswith("requests:")), "")
+    failed = sum(int(n) for n, _ in re.findall(r"(\d+) (failed|errored|timeout)", summary))
+    if out.returncode != 0 or not rows:
+        failed = max(failed, 1)
+    first = (f"HTTP {bad[0]}" if bad else None) or (None if not failed else (out.stdout + out.stderr)[-500:])
+    return {
+        "concurrency": concurrency,
+        "img_s": len(lat) / duration,
+        "requests": len(lat),
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+        "errors": len(bad) + failed,
+        "first_error": first,
+        "_lat_ms": lat,
+    }
+
+
 def merge_halves(a: dict, b: dict) -> dict:
     """One point from its two half-length runs (ABBA order): rates over the total time, pooled latencies."""
     lat = np.concatenate([a.pop("_lat_ms"), b.pop("_lat_ms")])
@@ -242,6 +342,7 @@ def merge_halves(a: dict, b: dict) -> dict:
         "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
         "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
         "errors": a["errors"] + b["errors"],
+        "server_failures": a.get("server_failures", 0) + b.get("server_failures", 0),
         "first_error": a["first_error"] or b["first_error"],
         "duration_s": a["duration_s"] + b["duration_s"],
         "halves_img_s": [a["img_s"], b["img_s"]],
@@ -268,6 +369,7 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> dict:
         print(f"{name}: in-process onnxruntime, batch {args.baseline_batch}: {v:.1f} img/s", flush=True)
         return v
 
+    files = RequestFiles(enc.name, tuple(shape), folder) if args.client == "h2load" else None
     rows = []
     with contextlib.ExitStack() as stack:
         servers = {"ours": stack.enter_context(ServerProcess(path, args))}
@@ -289,10 +391,22 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> dict:
             for server, protocol in active + active[::-1]:
                 side = servers[server]
                 url = side.grpc_url if protocol == "grpc" else side.url
+                if files is not None and not halves[server, protocol]:
+                    files.check(protocol, url)
                 m0 = side.batch_counts()
-                half = run_load(protocol, url, enc.name, shape, c, warmup, duration / 2)
+                if files is None:
+                    half = run_load(protocol, url, enc.name, shape, c, warmup, duration / 2)
+                else:
+                    half = run_load_h2load(protocol, url, files, c, warmup, duration / 2)
                 m1 = side.batch_counts()
                 half.update(duration_s=duration / 2, images=m1[0] - m0[0], calls=m1[1] - m0[1])
+                # Failures h2load cannot see (gRPC status trailers). When h2load stops it resets the requests
+                # still in flight (at most c), which Triton counts as failed: those are reported apart.
+                failed = int(m1[2] - m0[2]) if files is not None else 0
+                half["server_failures"] = failed
+                if failed > c:
+                    half["errors"] += failed
+                    half["first_error"] = half["first_error"] or f"the server counted {failed} failed requests"
                 halves[server, protocol].append(half)
             point = []
             for (server, protocol), (a, b) in halves.items():
@@ -403,11 +517,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     p.add_argument("--no-triton", action="store_true", help="skip the Triton (PyTriton) columns")
+    p.add_argument("--client", choices=["auto", "h2load", "python"], default="auto",
+                   help="load generator: h2load (nghttp2's C client, Debian package nghttp2-client; auto when "
+                        "installed) or python (tritonclient threads in this process)")
     p.add_argument("--json", default=str(RESULTS / "serve_throughput.json"))
     p.add_argument("--png", default=str(RESULTS / "serve_throughput.png"))
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
+    if args.client == "auto":
+        import shutil
+
+        args.client = "h2load" if shutil.which("h2load") else "python"
+        if args.client == "python":
+            print("h2load not found (apt install nghttp2-client): the load comes from tritonclient threads in this "
+                  "process, whose CPU cost is of the order of the server's", file=sys.stderr, flush=True)
+    elif args.client == "h2load":
+        import shutil
+
+        if not shutil.which("h2load"):
+            p.error("--client h2load: h2load is not installed (Debian: apt install nghttp2-client)")
     models = [m for m in args.models.split(",") if m]
     results = []
     t_start = time.time()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import threading
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -53,9 +54,14 @@ class ModelSpec(Protocol):
 # ----------------------------------------------------------------------------------------- JSON
 
 
-def _pause() -> None:
-    """Release the GIL now (``sleep(0)``) between conversion steps, so the event loop runs at once."""
-    time.sleep(0)
+def _pause(done: int, total: int) -> None:
+    """Release the GIL (``sleep(0)``) between conversion steps, so the event loop runs at once.
+
+    Only when more steps follow: a one-step tensor (every single-image request) must not yield, since
+    ``sleep(0)`` gives the core away to any other runnable process and costs the event loop its slice.
+    """
+    if done < total:
+        time.sleep(0)
 
 
 def _parse_int(s: str) -> int:
@@ -70,11 +76,24 @@ def _parse_constant(s: str) -> float:
     return float(s)  # NaN / Infinity / -Infinity: parsed, then refused where a tensor holds them
 
 
+# One decoder per thread, reused: json.loads(..., parse_int=...) builds a new decoder (and scanner) per
+# call; per thread because the parse hooks can hand the GIL over mid-document.
+_DECODERS = threading.local()
+
+
+def _decoder() -> json.JSONDecoder:
+    dec = getattr(_DECODERS, "dec", None)
+    if dec is None:
+        dec = _DECODERS.dec = json.JSONDecoder(parse_int=_parse_int, parse_float=_parse_float,
+                                               parse_constant=_parse_constant)
+    return dec
+
+
 def parse_json(raw: bytes | memoryview, what: str = "inference request header") -> Any:
     """``json.loads`` for untrusted bytes; ApiError(400) naming the problem for anything malformed."""
     try:
-        return json.loads(raw if isinstance(raw, bytes) else bytes(raw), parse_int=_parse_int, parse_float=_parse_float,
-                          parse_constant=_parse_constant)
+        raw = raw if isinstance(raw, bytes) else bytes(raw)
+        return _decoder().decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))  # as json.loads does
     except RecursionError:
         raise ApiError(400, f"{what} is nested too deeply to parse") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers over 4300 digits
@@ -95,7 +114,7 @@ def check_fp32_tensor(arr: np.ndarray, name: str) -> np.ndarray:
     for i in range(0, flat.size, _CHUNK):
         part = flat[i:i + _CHUNK]
         ok = np.abs(part) <= FP32_MAX  # NaN compares False
-        _pause()
+        _pause(i + _CHUNK, flat.size)
         if not ok.all():
             bad = i + int(np.argmin(ok))
             break
@@ -121,7 +140,7 @@ def _kinds(level: list) -> set[type]:
     kinds: set[type] = set()
     for i in range(0, len(level), _CHUNK):
         kinds.update(map(type, level[i:i + _CHUNK]))
-        _pause()
+        _pause(i + _CHUNK, len(level))
     return kinds
 
 
@@ -160,7 +179,7 @@ def fp32_from_json_data(data: Any, name: str, shape: Sequence[int]) -> np.ndarra
     try:
         for i in range(0, count, _CHUNK):
             arr[i:i + _CHUNK] = level[i:i + _CHUNK]
-            _pause()
+            _pause(i + _CHUNK, count)
     except OverflowError:  # an integer beyond float64
         raise ApiError(400, f"input {name!r}: data holds an integer outside the FP32 range") from None
     return check_fp32_tensor(arr, name).reshape(shape)
