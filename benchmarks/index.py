@@ -184,6 +184,8 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "index.json"))
     parser.add_argument("--png", default=str(ROOT / "benchmarks" / "results" / "index.png"))
     parser.add_argument("--tmp", default=None, help="where indexes are saved to measure their size")
+    parser.add_argument("--partial-json", default=None,
+                        help="also rewrite this JSON after every measured row (long runs keep what they measured)")
     parser.add_argument("--append", action="store_true",
                         help="keep the rows of other (N, type) pairs already in --json (e.g. add a 1M run)")
     args = parser.parse_args()
@@ -205,6 +207,14 @@ def main() -> None:
     source = rng.integers(len(base), size=args.queries)
     queries = noisy_copies(base, source, sigma, rng)
 
+    def write_partial(rows: list[dict]) -> None:
+        # a long run (1M on the Milvus backend) killed mid-way keeps what it measured
+        if args.partial_json:
+            Path(args.partial_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.partial_json).write_text(json.dumps({"config": {k: v for k, v in vars(args).items()
+                                                                      if k not in ("json", "png", "tmp")},
+                                                           "rows": rows}, indent=2) + "\n")
+
     rows = []
     for n in sizes:
         db = replicate(base, n, sigma, args.seed)
@@ -218,6 +228,7 @@ def main() -> None:
                 row = run_one(kind, db, queries, truth, args, items, source, len(base), backend)
                 row["exact_same_source_at_10"] = round(float(np.mean(truth % len(base) == source[:, None])), 4)
                 rows.append(row)
+                write_partial(rows)
                 print(f"  N={n} {backend} {kind}: build {row['build_total_s']} s, {row['qps']} q/s, recall@10 "
                       f"{row['recall_at_10']}, {row['bytes_per_vector']} B/vector, {row['search_params']}", flush=True)
         del db, items

@@ -77,6 +77,8 @@ EMBED_EPILOG = """examples:
   zoo embed scan_convnet_mnist5k --data mnist5k --out runs/feats
   zoo embed runs/simclr/model --images ./photos --out runs/photo_feats --nproc 4
   zoo index build runs/simclr/model --features runs/photo_feats --out runs/photo_index
+  zoo embed runs/simclr/model --images ./photos --uri ./photos.db --collection photos --nproc 4
+  zoo embed runs/simclr/model --images /data --uri http://milvus:19530 --collection photos --nproc 8
   torchrun --nnodes 2 --nproc_per_node 8 ... -m train embed MODEL --images /data --out /shared/feats"""
 
 
@@ -89,7 +91,17 @@ def register_embed(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--images", help="folder of images (recursive)")
     src.add_argument("--data", help="dataset name (mnist5k, digits, shapes, cifar10, ...)")
     p.add_argument("--split", default="train", help="dataset split with --data (default: train)")
-    p.add_argument("--out", required=True, help="feature folder to write")
+    p.add_argument("--out", help="feature folder to write (or --uri)")
+    g = p.add_argument_group("straight into a Milvus collection (instead of --out)")
+    g.add_argument("--uri", help="Milvus URI: every rank embeds its contiguous shard and inserts it with ids = dataset "
+                                 "positions; a server (http://host:19530) takes all ranks at once, a Milvus Lite file "
+                                 "(./zoo.db, one process per file) takes them in turn under a lock next to the file; "
+                                 "a rerun after a failure inserts only the missing ids")
+    g.add_argument("--collection", default="zoo_index", help="collection (alias) name (default: zoo_index)")
+    g.add_argument("--type", default="auto", choices=("auto", "flat", "hnsw", "ivf", "ivfpq"),
+                   help="index type, as zoo index build (default: auto, by size)")
+    g.add_argument("--target-recall", type=float, default=0.95, help="tune ef/nprobe for this recall@10")
+    g.add_argument("--memory-budget-mb", type=float, default=1024.0, help="the auto rule's memory budget")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")

@@ -222,15 +222,30 @@ class MilvusIndex(FeatureIndex):
                   seed: int, progress: bool, model_source: str | None,
                   hooks: dict[str, Callable[[], None]]) -> MilvusIndex:
         n, d = x.shape
-        kind = params["type"]
-        if client.has_collection(collection) and collection in client.list_collections():
-            raise ValueError(f"Milvus at {uri} has a collection {collection!r} that zoo did not make (not an "
-                             "alias); choose another --collection")
         digest = hashlib.sha256()
         for part in (x.tobytes(), json.dumps(items).encode(), b"" if lab is None else lab.tobytes(),
                      json.dumps([model_name, params, seed, target_recall], sort_keys=True, default=str).encode()):
             digest.update(part)
-        fingerprint = digest.hexdigest()
+        staging, live, present = cls._stage(client, uri, collection, digest.hexdigest(), n, d, params, model_name,
+                                            model_source, preprocess, lab is not None, progress)
+        t0 = time.perf_counter()
+        todo = np.setdiff1d(np.arange(n), present)
+        cls._insert(client, staging, x, todo, todo, items, lab, progress, f"inserting into {staging}", hooks)
+        return cls._finish(client, uri, collection, staging, live, x, np.ones(n, dtype=bool), params, index_type,
+                           memory_budget_mb, target_recall, seed, progress, model_source or model_name, hooks, t0)
+
+    @classmethod
+    def _stage(cls, client: Any, uri: str, collection: str, fingerprint: str, n: int, d: int,
+               params: Mapping[str, Any], model_name: str, model_source: str | None,
+               preprocess: Mapping[str, Any] | None, has_labels: bool, progress: bool,
+               count_present: bool = True) -> tuple[str, str | None, np.ndarray]:
+        """(staging collection, live collection or None, ids already in the staging collection).
+
+        An unfinished build with the same ``fingerprint`` is resumed, other unfinished ones dropped;
+        ids run ``0..n-1`` (``next_id = n``). ``count_present=False`` skips listing the ids."""
+        if client.has_collection(collection) and collection in client.list_collections():
+            raise ValueError(f"Milvus at {uri} has a collection {collection!r} that zoo did not make (not an "
+                             "alias); choose another --collection")
         live = client.describe_alias(collection)["collection_name"] if client.has_collection(collection) else None
         staging = None
         present = np.zeros(0, np.int64)
@@ -239,8 +254,9 @@ class MilvusIndex(FeatureIndex):
                 if staging is None and _props(client, name).get(PROP + "fingerprint") == fingerprint:
                     staging = name
                     client.load_collection(name)
-                    present = cls._all_ids(client, name)
-                    _log(progress, f"resuming the build of {collection}: {len(present)} of {n} rows already there")
+                    if count_present:
+                        present = cls._all_ids(client, name)
+                        _log(progress, f"resuming the build of {collection}: {len(present)} of {n} rows already there")
                 else:
                     client.drop_collection(name)
         if staging is None:
@@ -248,12 +264,20 @@ class MilvusIndex(FeatureIndex):
             cls._create(client, staging, d, params, {
                 "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "model_name": model_name,
                 "model_source": model_source or model_name, "preprocess": json.dumps(dict(preprocess or {})),
-                "dim": str(d), "index_type": kind, "search_params": "{}", "next_id": str(n),
-                "has_labels": "1" if lab is not None else "0", "fingerprint": fingerprint, "meta": "{}",
+                "dim": str(d), "index_type": params["type"], "search_params": "{}", "next_id": str(n),
+                "has_labels": "1" if has_labels else "0", "fingerprint": fingerprint, "meta": "{}",
             })
-        t0 = time.perf_counter()
-        todo = np.setdiff1d(np.arange(n), present)
-        cls._insert(client, staging, x, todo, todo, items, lab, progress, f"inserting into {staging}", hooks)
+        return staging, live, present
+
+    @classmethod
+    def _finish(cls, client: Any, uri: str, collection: str, staging: str, live: str | None, x: np.ndarray,
+                in_index: np.ndarray, params: Mapping[str, Any], index_type: str, memory_budget_mb: float,
+                target_recall: float, seed: int, progress: bool, model_source: str,
+                hooks: Mapping[str, Callable[[], None]], t0: float,
+                extra_meta: Mapping[str, Any] | None = None) -> MilvusIndex:
+        """Index, tune and publish the staging collection that holds row ``i`` of ``x`` as id ``i`` for every
+        ``in_index[i]``: the alias then names it (atomically) and the previous collection is dropped."""
+        kind = params["type"]
         client.flush(staging)
         cls._create_index(client, staging, params)
         _wait_indexed(client, staging, progress)  # tune the index itself, not a brute-force fallback
@@ -261,19 +285,20 @@ class MilvusIndex(FeatureIndex):
         # Tuned on the final collection, leave-one-out: Milvus indexes each segment separately, so rows
         # held out and added after tuning would land in a small segment of their own, indexed differently.
         rng = np.random.default_rng(seed)
-        n_tune = 0 if kind == "flat" or n < 2 * TUNE_K else min(TUNE_QUERIES, n // 10)
-        sample = np.sort(rng.choice(n, n_tune, replace=False)) if n_tune else np.zeros(0, np.int64)
+        rows = np.flatnonzero(in_index)
+        n_tune = 0 if kind == "flat" or len(rows) < 2 * TUNE_K else min(TUNE_QUERIES, len(rows) // 10)
+        sample = np.sort(rng.choice(rows, n_tune, replace=False)) if n_tune else np.zeros(0, np.int64)
         t1 = time.perf_counter()
 
         def raw(q: np.ndarray, k: int, p: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
             return _raw_search(client, staging, kind, q, k, p, ["id"])[:2]
 
-        tuning = tune_search_param(kind, raw, x, sample, np.ones(n, dtype=bool), target_recall,
+        tuning = tune_search_param(kind, raw, x, sample, in_index, target_recall,
                                    nlist=params.get("nlist"), progress=progress, leave_one_out=True)
         tune_s = time.perf_counter() - t1
         search_params = tuning.pop("params")
         meta = {
-            "model_source": model_source or model_name,
+            "model_source": model_source,
             "build_params": {k: v for k, v in params.items() if k != "estimated_bytes"},
             "estimated_bytes": int(params["estimated_bytes"]),
             "memory_budget_mb": float(memory_budget_mb),
@@ -283,6 +308,7 @@ class MilvusIndex(FeatureIndex):
             "tune_seconds": round(tune_s, 3),
             "created_at": _now(),
             "seed": int(seed),
+            **dict(extra_meta or {}),
         }
         client.alter_collection_properties(staging, properties={
             PROP + "search_params": json.dumps(search_params), PROP + "meta": json.dumps(meta)})
@@ -322,7 +348,14 @@ class MilvusIndex(FeatureIndex):
                 build.update(m=int(params["pq_m"]), nbits=int(params["pq_nbits"]))
         index_params = client.prepare_index_params()
         index_params.add_index("vector", index_type=MILVUS_TYPES[kind], metric_type="IP", params=build)
-        client.create_index(name, index_params)
+        try:
+            client.create_index(name, index_params)
+        except Exception as e:  # noqa: BLE001 - pymilvus's MilvusException
+            # A long synchronous build (Milvus Lite, HNSW on 1M rows: ~400 s) can outlive the gRPC
+            # connection (GOAWAY); pymilvus retries and the server answers that the index exists.
+            desc = client.describe_index(name, "vector") if "already exists" in str(e) else {}
+            if desc.get("index_type") != MILVUS_TYPES[kind]:
+                raise
 
     @staticmethod
     def _insert(client: Any, name: str, x: np.ndarray, rows: np.ndarray, ids: np.ndarray, items: Sequence[str],

@@ -1,0 +1,212 @@
+"""``zoo embed --uri URI --nproc N``: two real processes insert their shards into one Milvus Lite collection.
+
+Milvus Lite allows one process per ``.db`` (it takes a non-blocking ``flock``), so without the
+writers' lock the second rank's client would fail to open: two ranks finishing proves the turns.
+One module fixture runs two launches (each process imports torch: ~10 s on 2 cores):
+
+1. rank 1 dies by SIGKILL after inserting 2 chunks of its shard (the ranks started here with the
+   environment torchrun gives them; rank 0 is then stopped, as torchrun would);
+2. the real command, ``zoo embed ... --nproc 2`` (torchrun), on the same file: it resumes.
+
+The result is compared with a one-process ``zoo index build``-path build (``build_index``) of the same
+data made here, and with exact search in numpy.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pymilvus")
+pytest.importorskip("milvus_lite")
+pytest.importorskip("faiss")
+
+ROOT = Path(__file__).resolve().parents[1]
+N_CHUNK = 50  # rows per insert in the killed run: rank 1 (177 rows) dies after 100
+
+KILLED = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    from serve.index import milvus_backend
+    from train.embed import embed_into_collection
+    milvus_backend.INSERT_CHUNK = {chunk}
+    rank, done = int(os.environ["RANK"]), [0]
+
+    def chunk():
+        done[0] += 1
+        if rank == 1 and done[0] == 2:  # part of its shard inserted: die without any cleanup
+            print("KILLING", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    embed_into_collection({model!r}, {db!r}, "digits", data="digits", split="test", index_type="hnsw",
+                          progress=False, hooks={{"chunk": chunk}})
+    print("RANK", rank, "DONE", flush=True)
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _rows(db: str, collection: str | None) -> tuple[list[str], np.ndarray, np.ndarray, list[str], list[int]]:
+    """(collections, ids, vectors, items, labels) of the alias ``collection`` (None: the only unfinished build)."""
+    from serve.index.milvus_backend import MilvusIndex
+    from serve.index.milvus_connect import _release, connect
+
+    client = connect(db)
+    try:
+        names = sorted(client.list_collections())
+        name = collection or next(n for n in names if n.startswith("digits__"))
+        client.load_collection(name)
+        rows = MilvusIndex._scan(client, client.describe_collection(name)["collection_name"],
+                                 ["id", "vector", "item", "label"])
+    finally:
+        _release(client, db)
+    rows.sort(key=lambda r: r["id"])
+    return (names, np.array([r["id"] for r in rows], dtype=np.int64),
+            np.array([np.asarray(r["vector"], np.float32) for r in rows]), [r["item"] for r in rows],
+            [int(r["label"]) for r in rows])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    import torch
+
+    from serve.index import build_index
+    from zoo.checkpoint import save_model_folder
+    from zoo.model import ZooModel
+
+    tmp = tmp_path_factory.mktemp("embed_milvus")
+    torch.manual_seed(0)
+    model = ZooModel("convnet_tiny", {"widths": [8, 16]}, pretrained_cfg={
+        "name": "tiny_digits", "input_size": [3, 8, 8], "mean": [0.3] * 3, "std": [0.4] * 3,
+        "crop_pct": 1.0, "interpolation": "bilinear"})
+    folder = str(save_model_folder(model, tmp / "model"))
+    db, ref_db = str(tmp / "two.db"), str(tmp / "one.db")
+
+    # 1. a killed rank: both ranks started as torchrun starts them
+    script = tmp / "killed.py"
+    script.write_text(KILLED.format(root=str(ROOT), chunk=N_CHUNK, model=folder, db=db))
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in (0, 1)]
+    try:
+        out1, _ = procs[1].communicate(timeout=120)
+        time.sleep(0.5)  # rank 0 may be inserting its last chunk: stop it mid-way, as torchrun would
+        procs[0].send_signal(signal.SIGTERM)
+        out0, _ = procs[0].communicate(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    killed = {"rc1": procs[1].returncode, "out1": out1, "out0": out0, "rows": _rows(db, None)}
+
+    # 2. the same command again, as users run it: it resumes
+    cmd = [sys.executable, "-m", "zoo.cli", "embed", folder, "--data", "digits", "--split", "test", "--uri", db,
+           "--collection", "digits", "--type", "hnsw", "--nproc", "2", "--quiet"]
+    resumed = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+
+    # the one-process build of the same data, through the path `zoo index build` takes
+    ref = build_index(folder, data="digits", split="test", index_type="hnsw", backend="milvus", uri=ref_db,
+                      collection="digits", progress=False)
+    ref_info = ref.info()
+    ref.close()
+    return {"db": db, "ref_db": ref_db, "killed": killed, "resumed": resumed, "ref_info": ref_info}
+
+
+def test_two_ranks_equal_one_process_build(runs):
+    from serve.index import FeatureIndex, IndexModelMismatchError
+
+    _, ids, vecs, items, labels = _rows(runs["db"], "digits")
+    _, ref_ids, ref_vecs, ref_items, ref_labels = _rows(runs["ref_db"], "digits")
+    n = len(ref_ids)
+    assert n == 360 - 5 and np.array_equal(ref_ids, np.arange(n))  # digits' test split
+    assert np.array_equal(ids, ref_ids) and items == ref_items == [f"digits/test/{i}" for i in range(n)]
+    assert labels == ref_labels and len(set(labels)) == 10
+    np.testing.assert_allclose(vecs, ref_vecs, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    two, one = FeatureIndex.load(f"{runs['db']}#digits"), FeatureIndex.load(f"{runs['ref_db']}#digits")
+    try:
+        info, ref = two.info(), runs["ref_info"]
+        for key in ("model_name", "model_source", "preprocess", "dim", "index_type", "has_labels", "ntotal"):
+            assert info[key] == ref[key], key
+        assert info["processes"] == 2 and info["source"]["data"] == "digits"
+        q = ref_vecs[::7]
+        exact = np.argsort(-(q @ ref_vecs.T), axis=1, kind="stable")[:, :10]  # numpy, independent of Milvus
+        for idx in (two, one):  # as tuned: the recall target against exact search
+            found = idx.search(q, 10).ids
+            assert np.mean([len(set(x) & set(y)) / 10 for x, y in zip(found.tolist(), exact.tolist())]) >= 0.95
+        # HNSW graphs depend on the segments (two ranks: two inserts, one process: one), so the tuned
+        # searches may miss different near-ties; with ef = N both graphs are searched exhaustively
+        two.search_params = one.search_params = {"efSearch": n}
+        a, b = two.search(q, 10), one.search(q, 10)
+        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.ids, exact) and a.items == b.items
+        with pytest.raises(IndexModelMismatchError):
+            two.search(q, 10, model_name="another_model")
+    finally:
+        two.close()
+        one.close()
+
+
+def test_killed_rank_then_rerun_inserts_only_the_missing_ids(runs):
+    killed = runs["killed"]
+    assert killed["rc1"] == -signal.SIGKILL and "KILLING" in killed["out1"], killed["out1"][-2000:]
+    names, ids, _, _, _ = killed["rows"]
+    assert "digits" not in names  # no alias: nothing was published
+    n = runs["ref_info"]["ntotal"]
+    assert len(np.unique(ids)) == len(ids) and 2 * N_CHUNK <= len(ids) < n, len(ids)
+    rank1 = np.arange(n // 2, n)
+    assert np.isin(rank1[: 2 * N_CHUNK], ids).all() and not np.isin(rank1[2 * N_CHUNK:], ids).any()
+    out = runs["resumed"].stdout
+    assert f"{n} items" in out and f"inserted {n - len(ids)} row(s) on 2 process(es), {len(ids)} already there" in out
+    names, ids, _, _, _ = _rows(runs["db"], "digits")
+    assert np.array_equal(ids, np.arange(n))  # every id exactly once
+    assert len(names) == 1 and names[0].startswith("digits__")  # one collection: the staged one, published
+
+
+def test_bad_input_refused_before_anything_is_written(tmp_path):
+    from serve.index import IndexUnreachableError, milvus_shards
+    from serve.index.milvus_connect import _release, connect
+
+    db = str(tmp_path / "x.db")
+    plan = milvus_shards.prepare(db, "c", model_name="m", model_source="m", preprocess={}, dim=8, n_ids=30,
+                                 source={"data": "x"}, has_labels=False, index_type="flat")
+    x = np.random.default_rng(0).standard_normal((10, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match="dimension 7.*dimension 8"):
+        milvus_shards.insert(plan, x[:, :7], np.arange(10), [str(i) for i in range(10)])
+    with pytest.raises(ValueError, match=r"in \[0, 30\)"):
+        milvus_shards.insert(plan, x, np.arange(25, 35), [str(i) for i in range(10)])
+    client = connect(db)
+    try:
+        assert client.query(plan.staging, filter="", output_fields=["count(*)"])[0]["count(*)"] == 0
+    finally:
+        _release(client, db)
+    assert milvus_shards.insert(plan, x, np.arange(10, 20), [str(i) for i in range(10)]) == 10
+    assert milvus_shards.insert(plan, x, np.arange(10, 20), [str(i) for i in range(10)]) == 0  # nothing twice
+    assert milvus_shards.missing_ids(plan, 5, 25).tolist() == [*range(5, 10), *range(20, 25)]
+    info = milvus_shards.finish(plan)
+    assert info["ntotal"] == 10 and info["next_id"] == 30
+    with pytest.raises(IndexUnreachableError, match="nowhere"):
+        milvus_shards.prepare(str(tmp_path / "nowhere" / "x.db"), "c", model_name="m", model_source="m",
+                              preprocess={}, dim=8, n_ids=3, source={}, has_labels=False)
+    with pytest.raises(ValueError, match="IVF_PQ"):
+        milvus_shards.prepare(db, "c", model_name="m", model_source="m", preprocess={}, dim=8, n_ids=3, source={},
+                              has_labels=False, index_type="ivfpq")
