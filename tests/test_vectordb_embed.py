@@ -210,3 +210,35 @@ def test_bad_input_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="IVF_PQ"):
         milvus_shards.prepare(db, "c", model_name="m", model_source="m", preprocess={}, dim=8, n_ids=3, source={},
                               has_labels=False, index_type="ivfpq")
+
+
+class _RetriedCreateClient:
+    """A pymilvus client whose create_index fails as a retried one does after a dropped connection."""
+
+    def __init__(self, existing_type: str | None, error: str = "index already exists"):
+        self.existing_type, self.error = existing_type, error
+
+    def list_indexes(self, name):
+        return []
+
+    def prepare_index_params(self):
+        from pymilvus import MilvusClient
+
+        return MilvusClient.prepare_index_params()
+
+    def create_index(self, name, index_params):
+        raise RuntimeError(self.error)
+
+    def describe_index(self, name, field):
+        return {"index_type": self.existing_type}
+
+
+def test_create_index_retried_after_a_dropped_connection_accepts_only_the_same_index():
+    from serve.index.milvus_backend import MilvusIndex
+
+    params = {"type": "hnsw", "M": 16, "efConstruction": 100}
+    MilvusIndex._create_index(_RetriedCreateClient("HNSW"), "c", params)  # the retry found its own index: fine
+    with pytest.raises(RuntimeError, match="already exists"):
+        MilvusIndex._create_index(_RetriedCreateClient("IVF_FLAT"), "c", params)  # another index: not ours
+    with pytest.raises(RuntimeError, match="disk full"):
+        MilvusIndex._create_index(_RetriedCreateClient("HNSW", "disk full"), "c", params)  # other errors raise
