@@ -43,3 +43,38 @@ def test_memory_format_smoke(tmp_path):
         assert r["speedup"] == pytest.approx(r["nhwc_img_s"] / r["nchw_img_s"])
         assert r["speedup_ci95"][0] <= r["speedup_ci95"][1]
     assert "| 1 | 8 | swav |" in result.stdout
+
+
+def test_method_table_rows_are_their_base_recipe_plus_the_overrides():
+    """``benchmarks/methods.py``: a variant row is its base recipe with only the variant's keys changed,
+    the shapes bgaug rows use their own recipe, a row without a recipe is reported, and the tables
+    list every row."""
+    import yaml
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import methods as bench
+
+    recipes = ROOT / "train" / "recipes"
+    base = yaml.safe_load((recipes / "moco_mnist5k.yaml").read_text())
+    cfg = bench.row_config("moco+unmix", "mnist5k", 3, None)
+    assert cfg.method == "moco" and cfg.epochs == 3
+    assert cfg.method_kwargs == {**base["method_kwargs"], "unmix": True} and cfg.augment == base["augment"]
+    cfg = bench.row_config("byol+bgaug", "mnist5k", 3, None)
+    assert cfg.augment == {**yaml.safe_load((recipes / "byol_mnist5k.yaml").read_text())["augment"],
+                           "bg_remove_p": 0.2, "bg_swap_p": 0.6, "bg_masks": "saliency"}
+    cfg = bench.row_config("byol+bgaug", "shapes", 3, None)
+    assert cfg.augment == yaml.safe_load((recipes / "byol_shapes_bgaug.yaml").read_text())["augment"]
+    assert bench.row_config("uic", "mnist5k", 3, "/runs/simclr/model").method_kwargs["pretext"] == "/runs/simclr/model"
+    with pytest.raises(RuntimeError, match="pretext"):
+        bench.row_config("scan", "mnist5k", 3, None)
+    for name in bench.ALL:  # every row names a recipe that exists, or says why not
+        for data in ("mnist5k", "shapes"):
+            reason = bench.missing_reason(name, data)
+            assert (reason is None) == bench.recipe_path(name, data).exists() or "method" in reason
+    assert "unknown row" in bench.missing_reason("nope", "mnist5k")
+    rows = [{"method": "simclr", "knn_top1": 0.9, "kmeans_nmi": 0.4, "linear_top1": 0.95, "kmeans_acc": 0.5},
+            {"method": "simclr+unmix", "knn_top1": 0.8, "kmeans_nmi": 0.5, "linear_top1": 0.9, "kmeans_acc": 0.4},
+            {"method": "ncc", "missing": "no recipe"}]
+    table = bench.markdown(rows)
+    assert len(table.splitlines()) == 2 + len(rows) and "not run: no recipe" in table
+    assert "0.900 -> 0.800 (-0.100)" in bench.versus_base(rows) and "| ncc | byol | not run |" in bench.versus_base(rows)
