@@ -78,3 +78,26 @@ def test_method_table_rows_are_their_base_recipe_plus_the_overrides():
     table = bench.markdown(rows)
     assert len(table.splitlines()) == 2 + len(rows) and "not run: no recipe" in table
     assert "0.900 -> 0.800 (-0.100)" in bench.versus_base(rows) and "| ncc | byol | not run |" in bench.versus_base(rows)
+
+
+def test_probe_pair_stats_match_a_brute_force_count():
+    """``benchmarks/method_probes.py``: the pair counts from the contingency table equal an N x N count."""
+    import numpy as np
+    from sklearn.metrics import normalized_mutual_info_score
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.method_probes import pair_stats
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 4, 60)
+    pseudo = np.where(rng.random(60) < 0.3, -1, (truth + (rng.random(60) < 0.3)) % 5)
+    same_p = (pseudo[:, None] == pseudo[None, :]) & (pseudo[:, None] >= 0)
+    same_t = truth[:, None] == truth[None, :]
+    off = ~np.eye(60, dtype=bool)
+    got = pair_stats(pseudo, truth)
+    assert got["pair_precision"] == pytest.approx((same_p & same_t & off).sum() / (same_p & off).sum())
+    assert got["pair_recall"] == pytest.approx((same_p & same_t & off).sum() / (same_t & off).sum())
+    assert got["negatives_removed_share"] == pytest.approx((same_p & off).sum() / off.sum())
+    assert got["labelled_share"] == pytest.approx((pseudo >= 0).mean())
+    has = pseudo >= 0
+    assert got["nmi_vs_truth"] == pytest.approx(normalized_mutual_info_score(truth[has], pseudo[has]))
