@@ -90,6 +90,15 @@ def randint_per_sample(high: int, n: int, gen: torch.Generator, shape: tuple[int
     return torch.randint(high, (n * world, *shape), generator=gen)[rank * n : (rank + 1) * n]
 
 
+def randn_per_sample(n: int, gen: torch.Generator, shape: tuple[int, ...] = ()) -> torch.Tensor:
+    """``[n, *shape]`` standard normal numbers on the CPU, one row per sample of this rank (``torch.randn`` on
+    one process)."""
+    rank, world = _SHARD
+    if world == 1:
+        return torch.randn(n, *shape, generator=gen)
+    return torch.randn(n * world, *shape, generator=gen)[rank * n : (rank + 1) * n]
+
+
 def _uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> torch.Tensor:
     return rand_per_sample(n, gen).to(device) * (high - low) + low
 

@@ -17,6 +17,7 @@ METHOD_NAMES = ("simclr", "moco", "byol", "swav", "sela", "deepcluster", "pcl", 
                 "supcon", "paco", "bcl", "supervised", "clip")
 METHOD_NAMES += ("iif", "cmo", "tsc", "rescom", "boosted", "oupn", "simclr_stream", "ncd")  # long-tailed, online, NCD
 METHOD_NAMES += ("carl", "uic", "ifnd_simclr", "ifnd_moco")  # clustering and contrast
+METHOD_NAMES += ("ncc",)  # NCC / ProPos: BYOL + k-means prototypes
 
 EPILOG = """examples:
   zoo train --recipe train/recipes/simclr_mnist5k.yaml --out runs/simclr

@@ -179,6 +179,7 @@ def kmeans_sample_indices(n: int, k: int, max_points_per_centroid: int | None, s
 def kmeans_sharded(
     shard: torch.Tensor, indices: torch.Tensor, n: int, k: int, seed: int, niter: int = 20,
     max_points_per_centroid: int | None = 256, perturbation: float = 1e-4, sharded: bool = True,
+    spherical: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means with no empty cluster over features held in shards (one per rank under DDP).
 
@@ -188,6 +189,9 @@ def kmeans_sharded(
         max_points_per_centroid: the centroids are trained on ``k * max_points_per_centroid`` rows
             drawn from the whole dataset (faiss's default sample; None or a small dataset: all rows).
         sharded: False when this process holds every row (no collectives; one process).
+        spherical: spherical k-means for L2-normalised rows (:func:`zoo.eval.cluster.kmeans` with
+            ``spherical=True``: centroids re-normalised every iteration, assignment by inner product, which
+            for unit rows is the L2-nearest unit centroid); the returned centroids are unit-norm.
 
     Returns:
         ``(assignments [n_r] int64 of this shard's rows, centroids [k,D] float32)``, centroids identical
@@ -223,7 +227,7 @@ def kmeans_sharded(
     assign_all = torch.empty(n if sample_idx is None else 0, dtype=torch.long)
     if main:
         order = torch.argsort(ids)  # dataset order, however the ranks split it
-        a, c = kmeans(rows[order], k, seed=seed, niter=niter)
+        a, c = kmeans(rows[order], k, seed=seed, niter=niter, spherical=spherical)
         centroids = torch.from_numpy(c).float().clone()
         if sample_idx is None:
             assign_all[ids[order]] = torch.from_numpy(a).long()
@@ -265,6 +269,8 @@ def kmeans_sharded(
         centroids[e] = (sums[0] / sizes[0]).float()
         centroids[j] = (sums[1] / sizes[1]).float()
         counts[e], counts[j] = sizes[0], sizes[1]
+    if spherical:  # the re-seeded clusters' means back on the sphere
+        centroids = F.normalize(centroids, dim=1)
     return assign, centroids
 
 
