@@ -2,6 +2,7 @@
 
     python benchmarks/method_probes.py labels RUN --data mnist5k [--key pseudo_labels]
     python benchmarks/method_probes.py unmix RUN --base BASE_RUN
+    python benchmarks/method_probes.py saliency --data mnist5k
 
 ``RUN`` is a training folder (``zoo train --out RUN`` or a row of ``benchmarks/methods.py``), read from
 its newest checkpoint and ``log.csv``; nothing is retrained.
@@ -14,6 +15,10 @@ its newest checkpoint and ``log.csv``; nothing is retrained.
 - ``unmix``: Un-Mix's log columns (``unmix_lam``, ``unmix_region``, ``unmix_loss``): the distribution of
   ``lam``, how the mixture term tracks it, and the method's own term (``loss - unmix_loss``) at the last
   epoch beside the base run's loss.
+- ``saliency``: background augmentation's saliency masks (:func:`train.augment.saliency_masks`, the masks
+  the trainer uses where a dataset has no exact ones) on the training images against the ink (pixels above
+  0.3, digits on black): the share of ink outside the mask (strokes that a background swap or removal
+  overwrites) and the share of the mask on black background. No ``RUN``.
 
 Prints a table and writes JSON (``--json``, default ``benchmarks/results/probe_<kind>_<run name>.json``).
 """
@@ -115,17 +120,40 @@ def probe_unmix(run: Path, base: Path | None) -> dict:
     return out
 
 
+def probe_saliency(data: str, n: int = 1000) -> dict:
+    import torch
+
+    from train.augment import saliency_masks
+    from zoo.data import load_dataset
+
+    images = load_dataset(data, "train").images[:n]
+    x = images.float().div(255)
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    mask = saliency_masks(x)[:, 0] > 0.5
+    ink = x.mean(dim=1) > 0.3
+    return {"data": data, "images": int(len(x)), "ink_share": float(ink.float().mean()),
+            "mask_share": float(mask.float().mean()),
+            "ink_outside_mask": float((ink & ~mask).sum() / ink.sum()),
+            "mask_on_background": float((mask & ~ink).sum() / mask.sum()),
+            "iou": float((ink & mask).sum() / (ink | mask).sum())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["labels", "unmix"])
-    parser.add_argument("run", type=Path)
+    parser.add_argument("kind", choices=["labels", "unmix", "saliency"])
+    parser.add_argument("run", type=Path, nargs="?", default=Path("none"))
     parser.add_argument("--data", default="mnist5k", help="labels: the run's training data")
     parser.add_argument("--key", default="pseudo_labels", help="labels: the buffer of the method state")
     parser.add_argument("--base", type=Path, default=None, help="unmix: the base method's run")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    result = (probe_labels(args.run, args.data, args.key) if args.kind == "labels"
-              else probe_unmix(args.run, args.base))
+    if args.kind == "saliency":
+        result, args.run = probe_saliency(args.data), Path(args.data) / "saliency"
+    elif args.kind == "labels":
+        result = probe_labels(args.run, args.data, args.key)
+    else:
+        result = probe_unmix(args.run, args.base)
     for k, v in result.items():
         print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
     name = f"{args.run.parent.name}_{args.run.name}".replace("+", "_")
