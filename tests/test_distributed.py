@@ -42,7 +42,7 @@ from .method_checks import tiny_cfg
 WORLD = 2
 GLOBAL_BATCH = 32  # 16 per rank
 SAME_AS_ONE_PROCESS = ("simclr", "swav", "nnclr", "mochi", "carl", "uic", "ifnd_simclr",
-                       "ifnd_moco", "ncc")  # 2 ranks x batch B == 1 process x 2B
+                       "ifnd_moco", "ncc", "interclr")  # 2 ranks x batch B == 1 process x 2B
 TIGHT = 1e-9  # both sides run in float64 (_in_float64)
 # DeepCluster's E-step on shards: PCA-whitened (moments all-reduced), and k-means trained on a sample of
 # 20 rows per cluster (200 of the 1,442 digits) before every rank assigns its own rows.
@@ -66,6 +66,9 @@ KW = {
     # NCC: k-means pseudo-labels over both ranks' shards; prototypes are means over the global batch; noise per sample
     "ncc": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32, "tau_base": 0.99, "num_clusters": 5,
             "kmeans_niter": 5, "latent_std": 0.05, "cluster_weight": 0.5},
+    # memory bank, labels and centroids: global, updated with every rank's keys; per-query draws span both ranks
+    "interclr": {"proj_hidden_dim": 32, "proj_dim": 16, "queue_length": 96, "num_clusters": 10, "min_cluster": 5,
+                 "num_negatives": 16, "pool_size": 100, "kmeans_niter": 5},
     "sela": {"num_clusters": 10, "num_heads": 2},
     "scan": {"num_clusters": 10, "num_heads": 1, "num_neighbors": 5},
 }

@@ -18,6 +18,7 @@ METHOD_NAMES = ("simclr", "moco", "byol", "swav", "sela", "deepcluster", "pcl", 
 METHOD_NAMES += ("iif", "cmo", "tsc", "rescom", "boosted", "oupn", "simclr_stream", "ncd")  # long-tailed, online, NCD
 METHOD_NAMES += ("carl", "uic", "ifnd_simclr", "ifnd_moco")  # clustering and contrast
 METHOD_NAMES += ("ncc",)  # NCC / ProPos: BYOL + k-means prototypes
+METHOD_NAMES += ("interclr",)  # MoCo v2 + inter-image invariance
 
 EPILOG = """examples:
   zoo train --recipe train/recipes/simclr_mnist5k.yaml --out runs/simclr

@@ -50,7 +50,13 @@ import torch
 import torch.nn.functional as F
 
 from train.augment import rand_per_sample
-from train.clustering import embed_shard, epoch_seed, kmeans_sharded, kmeans_with_reseed, resize_buffers_to_state
+from train.clustering import (
+    embed_shard,
+    epoch_seed,
+    kmeans_sharded,
+    kmeans_with_reseed,
+    resize_buffers_to_state,
+)
 from train.distributed import all_gather_rows, gather_dataset
 from train.methods.base import StepContext, register_method
 from train.methods.moco import MoCo, moco_infonce_loss
@@ -120,8 +126,9 @@ def sample_inter_pairs(q: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor
     positive = order[starts[own] + offset]
     # negatives
     pool = n if sampling == "random" else min(pool_size, n)
-    sim = F.normalize(q.detach(), dim=1).to(bank.dtype) @ bank.T  # [B,N]
-    cand = sim.topk(pool, dim=1).indices if pool < n else torch.arange(n, device=device).expand(b, n)  # [B,P]
+    sim = F.normalize(q.detach(), dim=1).to(bank.dtype) @ bank.T if sampling != "random" else None  # [B,N]
+    # [B,P] candidates, most similar first (the whole bank in index order for "random")
+    cand = torch.arange(n, device=device).expand(b, n) if sampling == "random" else sim.topk(pool, dim=1).indices
     allowed = labels[cand] != own.unsqueeze(1)  # [B,P]
     m = min(num_negatives, pool)
     if sampling == "hard":  # most similar first among the allowed (topk is sorted)
