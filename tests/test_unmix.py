@@ -67,3 +67,34 @@ def test_unmix_option_lowers_loss(tmp_path, method, kw):
 def test_unmix_moco_resumes_bit_exact(tmp_path):
     check_resume_bit_exact(tmp_path, method="moco", method_kwargs={**SMALL, "queue_length": 96, "unmix": True},
                            total=4, cut=3)
+
+
+@pytest.mark.parametrize("method,kw", [("simclr", SMALL), ("byol", {**SMALL, "pred_hidden_dim": 32}),
+                                       ("moco", {**SMALL, "queue_length": 96})])
+def test_unmix_log_columns_are_the_mixture_term_and_its_ratio(tmp_path, method, kw):
+    """The logged ``unmix_loss`` is the step's loss minus the same step without the mixture (same views,
+    eval-mode BN), ``unmix_lam`` is the ratio that step drew and ``unmix_region`` its mode."""
+    from train.trainer import Trainer
+
+    from .method_checks import tiny_cfg
+
+    trainer = Trainer(tiny_cfg(method=method, method_kwargs={**kw, "unmix": True}, max_steps=2), tmp_path,
+                      progress=False)
+    trainer.method.on_train_start(trainer.context(0))
+    trainer.method.eval()
+    indices = torch.arange(16)
+    images = trainer.data.batch(indices)
+    for step in (0, 1):
+        ctx = trainer.context(0)
+        ctx.step = step
+        with torch.no_grad():
+            ctx.generator = torch.Generator().manual_seed(7)
+            mixed = trainer.method.training_step(images, indices, ctx)
+            trainer.method.unmix = False
+            ctx.generator = torch.Generator().manual_seed(7)
+            plain = trainer.method.training_step(images, indices, ctx)
+            trainer.method.unmix = True
+        assert float(mixed["unmix_loss"]) == pytest.approx(float(mixed["loss"] - plain["loss"]), rel=1e-5)
+        assert float(mixed["unmix_loss"]) > 0 and 0 <= mixed["unmix_lam"] <= 1
+        assert mixed["unmix_region"] == float(unmix_mode(step) == "region")
+        assert set(plain) == {"loss"}

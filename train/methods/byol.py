@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from train.methods.base import Method, StepContext, register_method
 from train.methods.moco import copy_weights_, frozen_copy, momentum_update
-from train.methods.unmix import mix_batch, soft_mixture_loss, unmix_mode
+from train.methods.unmix import mix_batch, soft_mixture_loss, unmix_log, unmix_mode
 from zoo.heads import ProjectionHead
 from zoo.model import ZooModel
 
@@ -78,7 +78,8 @@ class BYOL(Method):
         loss = byol_loss(p1, z2) + byol_loss(p2, z1)
         if self.unmix:  # view 1 mixed within the batch regresses both sources' targets of view 2
             mix = mix_batch(v1, ctx.generator, unmix_mode(ctx.step), self.unmix_alpha)
-            loss = loss + soft_mixture_loss(byol_loss, self.predict(mix.images), z2, mix.lam)
+            mix_loss = soft_mixture_loss(byol_loss, self.predict(mix.images), z2, mix.lam)
+            return {"loss": loss + mix_loss, **unmix_log(mix, mix_loss)}
         return {"loss": loss}
 
     def on_train_start(self, ctx: StepContext) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from train.distributed import all_gather_rows, get_rank, is_distributed
 from train.methods.base import Method, StepContext, register_method
-from train.methods.unmix import mix_batch, soft_mixture_loss, unmix_mode
+from train.methods.unmix import mix_batch, soft_mixture_loss, unmix_log, unmix_mode
 from zoo.heads import ProjectionHead
 from zoo.model import ZooModel
 
@@ -209,10 +209,13 @@ class MoCo(Method):
         if self.unmix:  # view 1 mixed within the batch: its queries against both sources' keys (and the queue)
             mix = mix_batch(v1, ctx.generator, unmix_mode(ctx.step), self.unmix_alpha)
             q_mix = self.encode_queries(mix.images)
-            loss = loss + soft_mixture_loss(lambda q, k: self.query_loss(q, k, queue, ctx), q_mix, k2, mix.lam)
+            mix_loss = soft_mixture_loss(lambda q, k: self.query_loss(q, k, queue, ctx), q_mix, k2, mix.lam)
+            loss = loss + mix_loss
         if self.training:  # evaluating the loss (model.eval()) leaves the queue alone
             # under DDP: the keys of every rank, in rank order, view by view (as one process's batch)
             self.enqueue(torch.cat([all_gather_rows(k) for k in keys]))
+        if self.unmix:
+            return {"loss": loss, **unmix_log(mix, mix_loss)}
         return {"loss": loss}
 
     def on_train_start(self, ctx: StepContext) -> None:

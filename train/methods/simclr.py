@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from train.distributed import all_gather_with_grad, get_rank
 from train.methods.base import Method, StepContext, register_method
-from train.methods.unmix import mix_batch, soft_mixture_loss, unmix_mode
+from train.methods.unmix import mix_batch, soft_mixture_loss, unmix_log, unmix_mode
 from zoo.heads import ProjectionHead
 from zoo.model import ZooModel
 
@@ -66,5 +66,6 @@ class SimCLR(Method):
         if self.unmix:  # view 1 mixed within the batch, contrasted with both sources' view 2
             mix = mix_batch(v1, ctx.generator, unmix_mode(ctx.step), self.unmix_alpha)
             z_mix = self.projector(self.model.forward_features(mix.images))
-            loss = loss + soft_mixture_loss(lambda a, b: nt_xent_loss(a, b, self.temperature), z_mix, z2, mix.lam)
+            mix_loss = soft_mixture_loss(lambda a, b: nt_xent_loss(a, b, self.temperature), z_mix, z2, mix.lam)
+            return {"loss": loss + mix_loss, **unmix_log(mix, mix_loss)}
         return {"loss": loss}

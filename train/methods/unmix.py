@@ -76,3 +76,9 @@ def soft_mixture_loss(loss_fn, mixed: torch.Tensor, targets: torch.Tensor, lam: 
     """``lam * loss_fn(mixed, targets) + (1 - lam) * loss_fn(mixed, targets.flip(0))``: the mixed batch's
     embeddings ``[B,D]`` against their two sources' targets ``[B,D]``, weighted by the mixing ratio."""
     return lam * loss_fn(mixed, targets) + (1 - lam) * loss_fn(mixed, targets.flip(0))
+
+
+def unmix_log(mix: Mixture, mix_loss: torch.Tensor) -> dict[str, torch.Tensor | float]:
+    """Extra columns of the training log for a step with a mixture: the step's ``lam``, whether it was a region
+    mix, and the mixture term alone (detached), so a run's ``log.csv`` shows how the term tracks ``lam``."""
+    return {"unmix_lam": mix.lam, "unmix_region": float(mix.mode == "region"), "unmix_loss": mix_loss.detach()}
