@@ -44,12 +44,18 @@ class AugmentConfig:
     bg_remove_p: float = 0.0
     bg_swap_p: float = 0.0
     bg_masks: str = "auto"
+    # Object rescale (:func:`rescale_objects`, needs the same masks): per view, with ``object_rescale_p``, the
+    # object is scaled about its centre to a half-extent drawn from ``object_size`` (fractions of the side)
+    # and moved to a uniform position, over its own object-free background. It decouples object size and
+    # position from the image, which random-resized crops alone do not (docs/benchmarks.md, shapes).
+    object_rescale_p: float = 0.0
+    object_size: tuple[float, float] = (0.15, 0.35)
     extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict) -> AugmentConfig:
         d = dict(d)
-        for key in ("scale", "ratio", "mean", "std"):
+        for key in ("scale", "ratio", "mean", "std", "object_size"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)
@@ -249,6 +255,63 @@ def object_free_background(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def rescale_objects(
+    x: torch.Tensor, mask: torch.Tensor, gen: torch.Generator, p: float = 1.0,
+    size: tuple[float, float] = (0.15, 0.35), border: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask-driven object rescale: each selected object is scaled about its centre and moved, then drawn over
+    its own object-free background (:func:`object_free_background`).
+
+    Args:
+        x: ``[B,3,H,W]`` images in [0,1]. mask: ``[B,1,H,W]`` foreground masks (1 = object).
+        gen: per sample, draws whether it applies (``p``), the new half-extent and the new centre.
+        size: range of the new half-extent (half the larger side of the mask's bounding box) as fractions
+            of the image side; the scale factor is one number for both axes, so the shape keeps its form.
+        border: pixels kept free at the image border (the ``shapes`` generator keeps one).
+
+    Returns:
+        ``(images, masks)``: the rescaled images and their new masks (float 0/1; ``[B,1,H,W]``). The new
+        bounding box lies inside the border at a uniform position; samples not selected, and those with an
+        empty mask, come back unchanged.
+    """
+    if mask.shape[0] != x.shape[0] or mask.shape[-2:] != x.shape[-2:]:
+        raise ValueError(f"masks {tuple(mask.shape)} do not match images {tuple(x.shape)}")
+    if not 0 < size[0] <= size[1]:
+        raise ValueError(f"object size range must satisfy 0 < low <= high, got {size}")
+    b, (h, w), device = x.shape[0], x.shape[-2:], x.device
+    draws = rand_per_sample(b, gen, (4,)).to(device, x.dtype)  # apply, half-extent, centre x, centre y
+    m = (mask > 0.5).to(x.dtype)
+    rows, cols = m.amax(dim=3)[:, 0] > 0, m.amax(dim=2)[:, 0] > 0  # [B,H], [B,W]
+    present = rows.any(dim=1)
+
+    def extent(on: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # continuous box [first, last + 1] of the occupied lines: centre and half-length in pixels
+        idx = torch.arange(on.shape[1], device=device, dtype=x.dtype)
+        first = torch.where(on, idx, torch.full_like(idx, float(on.shape[1]))).amin(dim=1)
+        last = torch.where(on, idx, torch.full_like(idx, -1.0)).amax(dim=1)
+        return (first + last + 1) / 2, ((last + 1 - first) / 2).clamp(min=0.5)
+
+    cy, ry = extent(rows)
+    cx, rx = extent(cols)
+    target = (size[0] + draws[:, 1] * (size[1] - size[0])) * min(h, w)
+    room = torch.minimum((w - 2 * border) / (2 * rx), (h - 2 * border) / (2 * ry))
+    s = torch.minimum(target / torch.maximum(rx, ry), room)  # one scale for both axes, clamped to fit
+    nx = border + s * rx + draws[:, 2] * (w - 2 * border - 2 * s * rx)
+    ny = border + s * ry + draws[:, 3] * (h - 2 * border - 2 * s * ry)
+    # output pixel p (continuous coordinates) samples input c + (p - n) / s; as affine_grid's normalised map
+    theta = torch.zeros(b, 2, 3, device=device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 1, 1] = 1 / s, 1 / s
+    theta[:, 0, 2] = (2 * cx / w - 1) + (1 - 2 * nx / w) / s
+    theta[:, 1, 2] = (2 * cy / h - 1) + (1 - 2 * ny / h) / s
+    grid = F.affine_grid(theta, [b, 3, h, w], align_corners=False)
+    cover = F.grid_sample(m, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    colour = F.grid_sample(x * m, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    new_mask = (cover > 0.5).to(x.dtype)
+    new_x = torch.where(new_mask > 0, colour / cover.clamp(min=1e-6), object_free_background(x, m)).clamp(0, 1)
+    apply = ((draws[:, 0] < p) & present).view(b, 1, 1, 1)
+    return torch.where(apply, new_x, x), torch.where(apply, new_mask, mask.to(x.dtype))
+
+
 def background_augment(
     x: torch.Tensor, mask: torch.Tensor, gen: torch.Generator, remove_p: float = 0.0, swap_p: float = 0.0,
     fill: float = 0.5,
@@ -291,7 +354,7 @@ class ViewAugment:
     @property
     def uses_background(self) -> bool:
         """True when the recipe asks for background augmentation (then the trainer binds masks per batch)."""
-        return self.cfg.bg_remove_p > 0 or self.cfg.bg_swap_p > 0
+        return self.cfg.bg_remove_p > 0 or self.cfg.bg_swap_p > 0 or self.cfg.object_rescale_p > 0
 
     def bind(self, images: torch.Tensor, masks: torch.Tensor) -> ViewAugment:
         """This augmentation, knowing the foreground ``masks [B,1,H,W]`` of the batch ``images``: every view
@@ -341,4 +404,7 @@ class _BoundViewAugment(ViewAugment):
     def _background(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         if x is not self.images:
             return x
-        return background_augment(x, self.masks, gen, self.cfg.bg_remove_p, self.cfg.bg_swap_p)
+        masks = self.masks
+        if self.cfg.object_rescale_p > 0:  # drawn only when asked: recipes without it keep their random stream
+            x, masks = rescale_objects(x, masks, gen, self.cfg.object_rescale_p, self.cfg.object_size)
+        return background_augment(x, masks, gen, self.cfg.bg_remove_p, self.cfg.bg_swap_p)
