@@ -227,15 +227,20 @@ def run_load(protocol: str, url: str, model_name: str, shape: tuple[int, ...], c
     lo, hi = t0_box[0] + warmup, t0_box[0] + warmup + duration
     done = [(s, e) for s, e in records if lo <= e <= hi]
     lat = np.array([e - s for s, e in done]) * 1000
+    return load_result(concurrency, lat, duration, len(errors), errors[0] if errors else None)
+
+
+def load_result(concurrency: int, lat_ms: np.ndarray, duration: float, errors: int, first_error: str | None) -> dict:
+    """One half-point: rate and latency percentiles of the requests answered in the measured window."""
     return {
         "concurrency": concurrency,
-        "img_s": len(done) / duration,
-        "requests": len(done),
-        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
-        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
-        "errors": len(errors),
-        "first_error": errors[0] if errors else None,
-        "_lat_ms": lat,  # merged over the two halves of a point, then dropped
+        "img_s": len(lat_ms) / duration,
+        "requests": len(lat_ms),
+        "p50_ms": float(np.percentile(lat_ms, 50)) if len(lat_ms) else float("nan"),
+        "p99_ms": float(np.percentile(lat_ms, 99)) if len(lat_ms) else float("nan"),
+        "errors": errors,
+        "first_error": first_error,
+        "_lat_ms": lat_ms,  # merged over the two halves of a point, then dropped
     }
 
 
@@ -320,16 +325,7 @@ def run_load_h2load(protocol: str, url: str, files: RequestFiles, concurrency: i
     if out.returncode != 0 or not rows:
         failed = max(failed, 1)
     first = (f"HTTP {bad[0]}" if bad else None) or (None if not failed else (out.stdout + out.stderr)[-500:])
-    return {
-        "concurrency": concurrency,
-        "img_s": len(lat) / duration,
-        "requests": len(lat),
-        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
-        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
-        "errors": len(bad) + failed,
-        "first_error": first,
-        "_lat_ms": lat,
-    }
+    return load_result(concurrency, lat, duration, len(bad) + failed, first)
 
 
 def merge_halves(a: dict, b: dict) -> dict:

@@ -34,7 +34,7 @@ from train.trainer import Trainer
 from zoo.checkpoint import load_state, save_model_folder
 from zoo.model import ZooModel
 
-from .ddp_harness import GLOBAL_BATCH, WORLD, ddp_cfg, in_float64, spawn_ranks
+from .ddp_harness import GLOBAL_BATCH, WORLD, ddp_cfg, in_float64, record_returns, spawn_ranks
 from .ddp_harness import one_thread as _one_thread
 from .ddp_harness import state as _state
 from .method_checks import tiny_cfg
@@ -107,20 +107,14 @@ def _rank_body(rank: int, world: int, out: Path) -> dict:
         res[method] = {"loss": [h["loss"] for h in t.history], "state": _state(t)}
     # MoCo: after one step the queue holds the keys of both ranks.
     t = Trainer(_cfg("moco", max_steps=1, sync_bn=False), Path(out) / "moco_ddp", progress=False)  # shuffle BN
-    keys: list[torch.Tensor] = []
-    encode = t.method.encode_keys
-    t.method.encode_keys = lambda x, g: keys.append(encode(x, g)) or keys[-1]
+    keys = record_returns(t.method, "encode_keys")
     initial_queue = t.method.queue.clone()
     t.fit()
     res["moco"] = {"keys": keys[0], "queue": t.method.queue.clone(), "ptr": t.method.queue_ptr.clone(),
                    "initial_queue": initial_queue}
     # PaCo: its in-batch contrast is per rank (as the released code), its queue takes every rank's keys.
     t = Trainer(_cfg("paco", max_steps=1), Path(out) / "paco_ddp", progress=False)
-    paco_keys: list[torch.Tensor] = []
-    paco_labels: list[torch.Tensor] = []
-    embed_keys, batch_labels = t.method.embed_keys, t.method.batch_labels
-    t.method.embed_keys = lambda x: paco_keys.append(embed_keys(x)) or paco_keys[-1]
-    t.method.batch_labels = lambda i, c: paco_labels.append(batch_labels(i, c)) or paco_labels[-1]
+    paco_keys, paco_labels = record_returns(t.method, "embed_keys"), record_returns(t.method, "batch_labels")
     t.fit()
     res["paco"] = {"keys": paco_keys[0], "batch_labels": paco_labels[0], "queue": t.method.queue.clone(),
                    "labels": t.method.queue_labels.clone(), "filled": t.method.queue_filled.clone()}

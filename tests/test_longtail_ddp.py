@@ -22,7 +22,16 @@ from train.methods.rescom import ResCom
 from train.trainer import Trainer
 from zoo.model import ZooModel
 
-from .ddp_harness import GLOBAL_BATCH, WORLD, ddp_cfg, in_float64, one_thread, spawn_ranks, state
+from .ddp_harness import (
+    GLOBAL_BATCH,
+    WORLD,
+    ddp_cfg,
+    in_float64,
+    one_thread,
+    record_returns,
+    spawn_ranks,
+    state,
+)
 
 KW = {
     "tsc": {"proj_hidden_dim": 32, "proj_dim": 16, "target_steps": 50},
@@ -49,11 +58,7 @@ def _rank_body(rank: int, world: int, out: Path) -> dict:
         t.fit()
         res[method] = {"loss": [h["loss"] for h in t.history], "state": state(t)}
     t = Trainer(_cfg("rescom", max_steps=1), Path(out) / "rescom_ddp", progress=False)
-    keys: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
-    embed_keys, batch_labels = t.method.embed_keys, t.method.batch_labels
-    t.method.embed_keys = lambda x: keys.append(embed_keys(x)) or keys[-1]
-    t.method.batch_labels = lambda i, c: labels.append(batch_labels(i, c)) or labels[-1]
+    keys, labels = record_returns(t.method, "embed_keys"), record_returns(t.method, "batch_labels")
     t.fit()
     res["rescom"] = {"keys": torch.cat(keys), "labels": labels[0], "queue": t.method.queue.clone(),
                      "filled": t.method.queue_filled.clone(), "ptr": t.method.queue_ptr.clone()}
