@@ -65,6 +65,73 @@ def test_carl_lowers_loss_and_resumes_bit_exact(tmp_path):
 
 
 # -- UIC -------------------------------------------------------------------------------------
+FROZEN_KW = {**CARL_KW, "proj_dim": 16, "update_backbone": False, "feature_bank_views": 3, "num_heads": 3,
+             "proj_init": "identity"}  # convnet_tiny widths [8, 16]: 16 features
+
+
+def test_carl_frozen_bank_heads_train_and_resume_bit_exact(tmp_path):
+    """Frozen backbone + feature bank + 3 heads: the backbone never moves, the heads learn, a resume that
+    crosses an epoch boundary (where the best head is chosen) is bit-exact."""
+    trainer = Trainer(tiny_cfg(method="carl", method_kwargs=FROZEN_KW, batch_size=256, max_steps=9), tmp_path / "a",
+                      progress=False)
+    carl = trainer.method
+    backbone = {k: v.clone() for k, v in carl.model.backbone.state_dict().items()}
+    assert not any(p.requires_grad for p in carl.model.backbone.parameters())
+    torch.testing.assert_close(carl.projectors[0].weight, torch.eye(16), rtol=0, atol=0)
+    heads_before = [w.detach().clone() for w in carl.prototypes.parameters()]
+    trainer.fit()
+    for k, v in carl.model.backbone.state_dict().items():
+        torch.testing.assert_close(v, backbone[k], rtol=0, atol=0, msg=k)
+    assert all(not torch.equal(a, b) for a, b in zip(heads_before, carl.prototypes.parameters()))
+    assert carl.feature_bank.shape == (3, len(trainer.data), 16)
+    assert "feature_bank" not in carl.state_dict()  # rebuilt from the seed, not checkpointed
+    # the best head is the argmin of the per-head mean loss of the epoch (written out from the log)
+    last_epoch = [h for h in trainer.history if h["epoch"] == trainer.history[-1]["epoch"]]
+    means = [sum(h[f"loss_head{i}"] for h in last_epoch) / len(last_epoch) for i in range(3)]
+    model = carl.export()
+    assert int(model.cluster_head.best_head) == min(range(3), key=means.__getitem__)
+    x = torch.rand(4, 3, 8, 8)
+    model.eval()
+    for h in range(3):
+        expected = carl.probabilities(model.forward_features(x), h)
+        torch.testing.assert_close(model.cluster_head.heads[h](model.forward_features(x)).softmax(1), expected,
+                                   rtol=1e-5, atol=1e-6)
+    check_resume_bit_exact(tmp_path / "resume", total=9, cut=5, method="carl", method_kwargs=FROZEN_KW,
+                           batch_size=256)
+
+
+def test_carl_feature_bank_holds_the_frozen_features_of_augmented_views(tmp_path):
+    # With an augmentation that changes nothing, every bank view is the encoder's plain feature of the image.
+    identity_aug = {"hflip": 0.0, "scale": [1.0, 1.0], "ratio": [1.0, 1.0], "rotation": 0.0, "jitter_p": 0.0,
+                    "gray_p": 0.0, "blur_p": 0.0, "solarize_p": 0.0}
+    trainer = Trainer(tiny_cfg(method="carl", method_kwargs=FROZEN_KW, augment=identity_aug, max_steps=1), tmp_path,
+                      progress=False)
+    carl = trainer.method
+    carl.on_train_start(trainer.context(0))
+    idx = torch.arange(0, len(trainer.data), 97)
+    x = _prepare(trainer.data.batch(idx), trainer.context(0))
+    with torch.no_grad():
+        plain = carl.model.eval().forward_features(x)
+    for v in range(3):
+        torch.testing.assert_close(carl.feature_bank[v, idx], plain, rtol=1e-5, atol=1e-5)
+    # the default augmentation gives three different views of each image
+    trainer = Trainer(tiny_cfg(method="carl", method_kwargs=FROZEN_KW, max_steps=1), tmp_path / "b", progress=False)
+    trainer.method.on_train_start(trainer.context(0))
+    bank = trainer.method.feature_bank
+    assert not torch.allclose(bank[0], bank[1]) and not torch.allclose(bank[1], bank[2])
+
+
+def test_carl_rejects_bad_options():
+    with pytest.raises(ValueError, match="update_backbone=False"):
+        CARL(ZooModel("convnet_tiny", {"widths": [8, 16]}), feature_bank_views=3, **CARL_KW)
+    with pytest.raises(ValueError, match="proj_dim=16"):
+        CARL(ZooModel("convnet_tiny", {"widths": [8, 16]}), **{**CARL_KW, "proj_dim": 8}, proj_init="identity")
+    with pytest.raises(ValueError, match="proj_init"):
+        CARL(ZooModel("convnet_tiny", {"widths": [8, 16]}), proj_init="eye", **CARL_KW)
+    with pytest.raises(ValueError, match="num_heads"):
+        CARL(ZooModel("convnet_tiny", {"widths": [8, 16]}), num_heads=0, **CARL_KW)
+
+
 def test_uic_loss_matches_formula():
     logits = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = torch.tensor([0, 2, 2, 1, 0])
