@@ -13,7 +13,7 @@ import torch
 
 from zoo.cli import main
 
-SHIPPED = ("clip_convnet_shapes", "scan_convnet_mnist5k", "simclr_convnet_mnist5k")
+SHIPPED = ("carl_convnet_mnist5k", "clip_convnet_shapes", "scan_convnet_mnist5k", "simclr_convnet_mnist5k")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
