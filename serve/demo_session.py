@@ -309,9 +309,12 @@ class ClusterSession:
         k = int(k)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        k = min(k, len(self))
         f, _ = self._embed_pil(image)
-        res = self.index.search(f, k, model_name=self.model_name)
+        return self.nearest(f, k)
+
+    def nearest(self, query: np.ndarray, k: int) -> list[dict[str, Any]]:
+        """The ``k`` indexed images nearest to one ``[1, D]`` query feature (an image's or a text's)."""
+        res = self.index.search(query, min(k, len(self)), model_name=self.model_name)
         out = []
         # by item, not by index id: the index may have been changed (add/remove) since it was built
         for rank, (item, s) in enumerate(zip(res.items[0], res.scores[0].tolist())):

@@ -30,16 +30,7 @@ def search_text(session: Any, text: str, k: int = 8) -> list[dict[str, Any]]:
     """``[{rank, id, item, score, cluster, cluster_name}]`` of the ``k`` images nearest to ``text``."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("type some words to search for")
-    k = min(max(1, int(k)), len(session))
-    q = _text_embeddings(session, [text.strip()])
-    res = session.index.search(q, k, model_name=session.model_name)
-    out = []
-    for rank, (item, s) in enumerate(zip(res.items[0], res.scores[0].tolist())):
-        i = session._pos.get(item)
-        c = None if i is None else int(session.assignments[i])
-        out.append({"rank": rank + 1, "id": i, "item": item, "score": float(s), "cluster": c,
-                    "cluster_name": None if c is None else session.names[c]})
-    return out
+    return session.nearest(_text_embeddings(session, [text.strip()]), max(1, int(k)))
 
 
 def label_embeddings(session: Any, labels: list[str]) -> np.ndarray:

@@ -263,20 +263,14 @@ class InferFastPath:
             content, headers = await self.endpoint(m.group(1), m.group(2), [c for c in chunks if c], encoding,
                                                    header_length)
         except ApiError as e:
-            content, status, headers = _error_body(e.message), e.status, {**e.headers, **_JSON}
+            error = _error_response(e.status, e.message, e.headers)
         except Exception as e:  # noqa: BLE001 - as the app's 500 handler
-            content, status, headers = _error_body(f"internal server error: {type(e).__name__}: {e}"), 500, _JSON
+            error = _error_response(500, f"internal server error: {type(e).__name__}: {e}")
         else:
-            status = 200
-        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-        raw.append((b"content-length", str(len(content)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": raw})
-        await send({"type": "http.response.body", "body": content})
-
-
-_JSON = {"Content-Type": "application/json"}
-
-
-def _error_body(message: str) -> bytes:
-    """The bytes of ``_error_response``'s body (Starlette's JSONResponse rendering)."""
-    return json.dumps({"error": message}, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+            raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+            raw.append((b"content-length", str(len(content)).encode()))
+            await send({"type": "http.response.start", "status": 200, "headers": raw})
+            await send({"type": "http.response.body", "body": content})
+            return
+        await send({"type": "http.response.start", "status": error.status_code, "headers": error.raw_headers})
+        await send({"type": "http.response.body", "body": error.body})
