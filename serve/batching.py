@@ -8,8 +8,6 @@ import contextlib
 import json
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -64,26 +62,45 @@ class ServerMetrics:
 # ------------------------------------------------------------------------------------- dynamic batching
 
 
-@dataclass
 class _Job:
-    images: np.ndarray
-    future: asyncio.Future
-    enqueued: float = field(default_factory=time.perf_counter)
+    """One piece of a request (at most ``max_batch_size`` images), the future its outputs go to, its loop."""
+
+    __slots__ = ("images", "future", "loop", "enqueued")
+
+    def __init__(self, images: np.ndarray, future: asyncio.Future, loop: asyncio.AbstractEventLoop):
+        self.images = images
+        self.future = future
+        self.loop = loop
+        self.enqueued = time.perf_counter()
+
+
+def _settle(items: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+    """On a job's event loop: hand each still-waiting future its outputs or its exception."""
+    for fut, value, exc in items:
+        if not fut.done():  # timed out or cancelled meanwhile
+            if exc is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(exc)
 
 
 class DynamicBatcher:
     """Merges concurrent requests for one encoder into batched ``encoder.run`` calls.
 
     ``await submit(images)`` queues ``[n,3,H,W]`` float32 images (split into pieces of at most
-    ``max_batch_size``) and returns the encoder outputs for exactly those images. A worker task takes
+    ``max_batch_size``) and returns the encoder outputs for exactly those images. A worker thread takes
     the oldest job, waits until ``max_queue_delay_s`` after that job arrived for more (or until the batch
-    is full), concatenates, runs the encoder once in a dedicated thread and splits the outputs back.
-    ``calls`` / ``batch_sizes`` record what ran (tests and benchmarks read them).
+    is full), concatenates, runs the encoder once and splits the outputs back, each request's on its own
+    event loop (HTTP and gRPC may run on different loops). ``calls`` / ``batch_sizes`` record what ran
+    (tests and benchmarks read them).
 
-    Per-request cost matters for small models (the server is then bound by it, not by compute), so the
-    hot path avoids per-request tasks and wake-ups: ``submit`` awaits its job's future directly (its
-    timeout is a timer on that future, not a ``wait_for`` task), and it wakes the worker only when the
-    worker is idle or the batch just became full; the worker sleeps out the queue delay on one timer.
+    Why a thread and not a task on the event loop: a task could start the next batch only when the loop
+    got round to it, behind every request parse queued meanwhile, and for a small model the encoder then
+    sat idle for most of a batch's time (profiled: served throughput bound by that wait). The thread
+    starts the next batch the moment the last one is done. Per-request cost stays low: ``submit`` takes
+    one lock, wakes the thread only when it is idle or the batch just became full, and awaits its job's
+    future directly (its timeout is a timer on that future, not a ``wait_for`` task); results come back
+    in one ``call_soon_threadsafe`` per batch and loop.
     """
 
     def __init__(self, encoder: Any, *, max_batch_size: int = 32, max_queue_delay_s: float = 0.002,
@@ -99,30 +116,16 @@ class DynamicBatcher:
         self.metrics = metrics
         self.calls = 0
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"zoo-encode-{self.name}")
+        self._cond = threading.Condition(threading.Lock())
         self._jobs: collections.deque[_Job] = collections.deque()
         self._queued = 0  # images in _jobs (abandoned jobs included until popped: at worst an early run)
-        self._waiter: asyncio.Future | None = None  # what the worker sleeps on
         self._idle = True  # the worker waits for a first job (vs. sleeping out the queue delay)
-        self._task: asyncio.Task | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._closed = False
         if metrics is not None:  # labelled children resolved once, not per batch
             self._m = (metrics.batch_size.labels(self.name), metrics.batch_requests.labels(self.name),
                        metrics.compute.labels(self.name), metrics.images.labels(self.name),
                        metrics.queue_wait.labels(self.name))
-
-    def _ensure_worker(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._loop is not loop or self._task is None or self._task.done():
-            self._loop = loop
-            self._waiter = None
-            self._idle = True
-            self._task = loop.create_task(self._worker(), name=f"zoo-batcher-{self.name}")
-
-    def _wake(self) -> None:
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
 
     @staticmethod
     def _expire(fut: asyncio.Future, timeout: float) -> None:
@@ -135,16 +138,22 @@ class DynamicBatcher:
         ``timeout`` (seconds): raise ``TimeoutError`` when the outputs are not there by then (the queued
         work is dropped).
         """
-        if self._closed:
-            raise RuntimeError("the server is shutting down")
         loop = asyncio.get_running_loop()
-        self._ensure_worker(loop)
         step = self.max_batch_size
-        jobs = [_Job(images[i:i + step], loop.create_future()) for i in range(0, len(images), step)]
-        self._jobs.extend(jobs)
-        self._queued += len(images)
-        if self._idle or self._queued >= self.max_batch_size:
-            self._wake()
+        if len(images) <= step:  # every single-image request: no slicing, no list comprehension
+            jobs = [_Job(images, loop.create_future(), loop)]
+        else:
+            jobs = [_Job(images[i:i + step], loop.create_future(), loop) for i in range(0, len(images), step)]
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the server is shutting down")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._worker, name=f"zoo-batcher-{self.name}", daemon=True)
+                self._thread.start()
+            self._jobs.extend(jobs)
+            self._queued += len(images)
+            if self._idle or self._queued >= self.max_batch_size:
+                self._cond.notify()
         timers = [loop.call_later(timeout, self._expire, j.future, timeout) for j in jobs] if timeout else []
         try:
             if len(jobs) == 1:
@@ -159,35 +168,31 @@ class DynamicBatcher:
                 t.cancel()
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    async def _sleep(self, loop: asyncio.AbstractEventLoop, deadline: float | None) -> None:
-        """Until ``_wake`` (or ``deadline``, a ``perf_counter`` time, passes)."""
-        fut = self._waiter = loop.create_future()
-        timer = None
-        if deadline is not None:
-            timer = loop.call_later(max(0.0, deadline - time.perf_counter()), self._wake)
-        try:
-            await fut
-        finally:
-            self._waiter = None
-            if timer is not None:
-                timer.cancel()
+    def _next_batch(self) -> tuple[list[_Job], int] | None:
+        """Under the lock: wait for work, sleep out the oldest job's queue delay, take up to a full batch.
 
-    async def _worker(self) -> None:
-        loop = asyncio.get_running_loop()
+        None once closed. A job's ``future.done()`` is read off its loop: a stale False only means a
+        dropped request is computed anyway (its result is then discarded by ``_settle``).
+        """
         while True:
-            while not self._jobs:
+            while not self._jobs and not self._closed:
                 self._idle = True
-                await self._sleep(loop, None)
+                self._cond.wait()
+            if self._closed:
+                return None
             self._idle = False
             first = self._jobs[0]
             if first.future.done():
                 self._queued -= len(self._jobs.popleft().images)
                 continue
             # Wait until the oldest job is max_queue_delay old, unless the batch fills up first
-            # (submit wakes this sleep when it does).
+            # (submit notifies when it does).
             deadline = first.enqueued + self.max_queue_delay_s
-            while self._queued < self.max_batch_size and time.perf_counter() < deadline:
-                await self._sleep(loop, deadline)
+            while self._queued < self.max_batch_size and not self._closed:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
             batch: list[_Job] = []
             n = 0
             while self._jobs:
@@ -201,23 +206,28 @@ class DynamicBatcher:
                 self._queued -= len(job.images)
                 n += len(job.images)
             if batch:
-                await self._run(batch, n, loop)
+                return batch, n
 
-    async def _run(self, batch: list[_Job], n: int, loop: asyncio.AbstractEventLoop) -> None:
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                taken = self._next_batch()
+            if taken is None:
+                return
+            self._run(*taken)
+
+    def _run(self, batch: list[_Job], n: int) -> None:
         start = time.perf_counter()
         x = batch[0].images if len(batch) == 1 else np.concatenate([j.images for j in batch])
+        out, error = None, None
         try:
-            out = await loop.run_in_executor(self._executor, self.encoder.run, x)
+            out = self.encoder.run(x)
         except Exception as e:  # noqa: BLE001 - handed to every waiting request
-            for j in batch:
-                if not j.future.done():
-                    j.future.set_exception(e)
-            return
-        finally:
-            self.calls += 1
-            self.batch_sizes.append(n)
+            error = e
+        self.calls += 1
+        self.batch_sizes.append(n)
         compute = time.perf_counter() - start
-        if self.metrics is not None:
+        if self.metrics is not None and error is None:
             size, requests, compute_s, images, queue_wait = self._m
             size.observe(n)
             requests.observe(len(batch))
@@ -225,26 +235,30 @@ class DynamicBatcher:
             images.inc(n)
             for j in batch:
                 queue_wait.observe(max(0.0, start - j.enqueued))
+        per_loop: dict[asyncio.AbstractEventLoop, list] = {}
         offset = 0
         for j in batch:
             k = len(j.images)
-            if not j.future.done():
-                j.future.set_result({name: v[offset:offset + k] for name, v in out.items()})
+            value = None if out is None else {name: v[offset:offset + k] for name, v in out.items()}
+            per_loop.setdefault(j.loop, []).append((j.future, value, error))
             offset += k
+        for loop, items in per_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(_settle, items)
 
     async def aclose(self) -> None:
-        """Stop the worker; queued requests fail with 'shutting down'."""
-        self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        while self._jobs:
-            j = self._jobs.popleft()
-            if not j.future.done():
-                j.future.set_exception(RuntimeError("the server is shutting down"))
-        self._queued = 0
-        self._executor.shutdown(wait=False)
+        """Stop the worker; queued requests fail with 'shutting down' (a batch being computed finishes)."""
+        with self._cond:
+            self._closed = True
+            jobs = list(self._jobs)
+            self._jobs.clear()
+            self._queued = 0
+            self._cond.notify_all()
+        stop = RuntimeError("the server is shutting down")
+        for j in jobs:
+            with contextlib.suppress(RuntimeError):
+                j.loop.call_soon_threadsafe(_settle, [(j.future, None, stop)])
+        await asyncio.sleep(0)  # let this loop settle its own jobs before returning
 
 
 # ------------------------------------------------------------------------------------ served models
