@@ -212,6 +212,53 @@ def test_bad_input_refused_before_anything_is_written(tmp_path):
                               has_labels=False, index_type="ivfpq")
 
 
+class _CountingClient:
+    """A client that counts its queries (the windows asked)."""
+
+    def __init__(self, inner):
+        self.inner, self.queries = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def query(self, name, **kw):
+        self.queries.append(kw["filter"])
+        return self.inner.query(name, **kw)
+
+
+def test_ids_already_there_are_found_across_windows_and_never_inserted_twice(tmp_path, monkeypatch):
+    from serve.index import milvus_shards
+    from serve.index.milvus_connect import _release, connect
+
+    monkeypatch.setattr(milvus_shards, "MAX_K", 4)  # many windows on a small collection
+    db = str(tmp_path / "w.db")
+    plan = milvus_shards.prepare(db, "c", model_name="m", model_source="m", preprocess={}, dim=8, n_ids=40,
+                                 source={"data": "w"}, has_labels=False, index_type="flat")
+    x = np.random.default_rng(1).standard_normal((40, 8)).astype(np.float32)
+    there = np.array([0, 1, 2, 5, 9, 17, 18, 33, 39])
+    assert milvus_shards.insert(plan, x[there], there, [str(i) for i in there]) == len(there)
+    assert milvus_shards.missing_ids(plan, 0, 40).tolist() == np.setdiff1d(np.arange(40), there).tolist()
+    assert milvus_shards.missing_ids(plan, 16, 20).tolist() == [16, 19]
+    client = _CountingClient(connect(db))
+    try:
+        asked = np.array([39, 3, 17, 0, 17])  # unsorted, repeated, far apart
+        assert milvus_shards._present(client, plan.staging, asked).tolist() == [0, 17, 39]
+        assert len(client.queries) == 3  # windows at 0, 17, 39: the empty ones between are not asked
+    finally:
+        _release(client.inner, db)
+    # a rerun's shard overlapping rows already there (as when racing an old run): only the new ids go in
+    ids = np.arange(0, 12)
+    assert milvus_shards.insert(plan, x[ids], ids, [str(i) for i in ids]) == len(np.setdiff1d(ids, there))
+    client = connect(db)
+    try:
+        client.load_collection(plan.staging)
+        got = sorted(int(r["id"]) for r in client.query(plan.staging, filter="id >= 0", output_fields=["id"],
+                                                        limit=100))
+    finally:
+        _release(client, db)
+    assert got == sorted(set(there.tolist()) | set(ids.tolist()))  # each id exactly once
+
+
 class _RetriedCreateClient:
     """A pymilvus client whose create_index fails as a retried one does after a dropped connection."""
 

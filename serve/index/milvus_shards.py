@@ -35,7 +35,7 @@ import numpy as np
 
 from serve.index.auto import INDEX_TYPES, _build_params
 from serve.index.base import _as_matrix, _check_items, _check_labels, _log
-from serve.index.milvus_backend import MAX_ITEM, MAX_K, QUERY_CHUNK, MilvusIndex, _check_name
+from serve.index.milvus_backend import MAX_ITEM, MAX_K, MilvusIndex, _check_name
 from serve.index.milvus_connect import _is_local, _norm_uri, _release, connect
 
 
@@ -130,20 +130,25 @@ def prepare(uri: str, collection: str, *, model_name: str, model_source: str, pr
                      has_labels=bool(has_labels))
 
 
-def _present_in(client: Any, name: str, lo: int, hi: int) -> np.ndarray:
-    out: list[int] = []
-    for a in range(lo, hi, MAX_K):  # windows within Milvus's query-result limit
-        b = min(hi, a + MAX_K)
-        out.extend(int(r["id"]) for r in client.query(name, filter=f"id >= {a} and id < {b}", output_fields=["id"],
-                                                      limit=MAX_K))
-    return np.unique(np.array(out, dtype=np.int64))
+def _present(client: Any, name: str, ids: Any) -> np.ndarray:
+    """Those of ``ids`` already in collection ``name``, sorted: range queries over windows of ``MAX_K`` ids
+    (within Milvus's query-result limit), skipping windows that hold none of ``ids``."""
+    want = np.unique(np.asarray(ids, dtype=np.int64))
+    found: list[int] = []
+    s = 0
+    while s < len(want):
+        a = int(want[s])
+        found.extend(int(r["id"]) for r in client.query(name, filter=f"id >= {a} and id < {a + MAX_K}",
+                                                        output_fields=["id"], limit=MAX_K))
+        s = int(np.searchsorted(want, a + MAX_K))
+    return np.intersect1d(want, np.array(found, dtype=np.int64))
 
 
 def missing_ids(plan: ShardPlan, lo: int, hi: int) -> np.ndarray:
     """The ids in ``[lo, hi)`` not yet in the staging collection (all of them on a fresh build)."""
     with open_client(plan.uri) as client:
         client.load_collection(plan.staging)
-        present = _present_in(client, plan.staging, lo, hi)
+        present = _present(client, plan.staging, np.arange(lo, hi))
     return np.setdiff1d(np.arange(lo, hi, dtype=np.int64), present)
 
 
@@ -172,11 +177,9 @@ def insert(plan: ShardPlan, features: Any, ids: Any, items: Sequence[str], label
         return 0
     with open_client(plan.uri) as client:
         client.load_collection(plan.staging)
-        there: set[int] = set()
-        for s in range(0, n, QUERY_CHUNK):  # a rerun racing an old one must not insert an id twice
-            part = [int(i) for i in ids[s : s + QUERY_CHUNK]]
-            there.update(int(r["id"]) for r in client.query(plan.staging, filter=f"id in {part}", output_fields=["id"]))
-        rows = np.array([r for r in range(n) if int(ids[r]) not in there], dtype=np.int64)
+        # asked again just before inserting (missing_ids was asked before the embedding): a rerun racing
+        # an old one must not insert an id twice
+        rows = np.flatnonzero(~np.isin(ids, _present(client, plan.staging, ids)))
         MilvusIndex._insert(client, plan.staging, x, rows, ids[rows], items, lab, progress,
                             f"inserting into {plan.staging}", dict(hooks or {}))
         client.flush(plan.staging)
