@@ -10,9 +10,9 @@ The steps of :meth:`MilvusIndex.build`, split between ranks:
    one-process build's. Only ids not yet in the collection are embedded and inserted, so a rerun
    after a killed rank inserts what is missing and nothing twice. Features of the wrong dimension
    are refused before anything is written.
-3. :func:`finish` (rank 0, after every rank inserted): index, tune (leave-one-out, reading the
-   vectors back from the collection: rank 0 holds ``N x D`` floats then, as a one-process build
-   does), point the alias at it, drop the old collection.
+3. :func:`finish` (rank 0, after every rank inserted): index, tune (leave-one-out, on a seeded sample
+   of at most 1000 rows read back, against exact search streamed over the collection: rank 0 never
+   holds the ``N x D`` vectors), point the alias at it, drop the old collection.
 
 Concurrency: against a server URI (``http://``, ``https://``, ``tcp://``, ...) all ranks insert at
 once. Milvus Lite (a local ``.db``) allows one process per file, so the ranks take turns: each
@@ -192,17 +192,17 @@ def finish(plan: ShardPlan, progress: bool = False, t0: float | None = None,
     t0 = time.perf_counter() if t0 is None else t0
     with open_client(plan.uri) as client:
         client.load_collection(plan.staging)
-        x = np.zeros((plan.n_ids, plan.dim), dtype=np.float32)
+        # Only the ids are read here, not the N x D vectors. The tuning queries are a sample seeded by
+        # plan.seed of min(TUNE_QUERIES = 1000, N/10) rows: auto.py's rule for every backend (bounded, and
+        # the pass rule subtracts two standard errors of the sample's recall), the same draw as a one-process
+        # build's. Only those rows are read back; their exact neighbours come from one streamed pass
+        # (serve/index/milvus_exact.py), so the tuning is the same as from all the vectors in memory.
         in_index = np.zeros(plan.n_ids, dtype=bool)
-        for a in range(0, plan.n_ids, MAX_K):  # the vectors back, for the exact truth the tuning needs
-            for r in client.query(plan.staging, filter=f"id >= {a} and id < {a + MAX_K}",
-                                  output_fields=["id", "vector"], limit=MAX_K):
-                x[int(r["id"])] = np.asarray(r["vector"], dtype=np.float32)
-                in_index[int(r["id"])] = True
+        in_index[_present(client, plan.staging, np.arange(plan.n_ids))] = True
         if not in_index.any():
             raise ValueError(f"nothing was inserted into {plan.staging}: every item was unreadable")
         _log(progress, f"{int(in_index.sum())} rows in {plan.staging}: indexing and tuning")
-        index = MilvusIndex._finish(client, plan.uri, plan.collection, plan.staging, plan.live, x, in_index,
+        index = MilvusIndex._finish(client, plan.uri, plan.collection, plan.staging, plan.live, None, in_index,
                                     plan.params, plan.index_type, plan.memory_budget_mb, plan.target_recall,
                                     plan.seed, progress, plan.model_source, dict(hooks or {}), t0,
                                     extra_meta=plan.extra_meta)
