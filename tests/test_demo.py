@@ -396,7 +396,7 @@ def test_upload_errors_name_the_users_file_not_the_gradio_cache(head, app_url, t
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
-    from tests.test_server import bomb_png
+    from tests.server.helpers import bomb_png
 
     client = _client(app_url, tmp_path)
     bad = tmp_path / "my holiday.png"

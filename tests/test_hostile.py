@@ -32,7 +32,7 @@ from serve.index import FeatureIndex  # noqa: E402
 from serve.kserve import ApiError, check_fp32_tensor, fp32_from_bytes, fp32_from_json_data  # noqa: E402
 from serve.preprocess import RESIZE_BUDGET, ImageDecodeError, Preprocessor, decode_image  # noqa: E402
 from serve.server import create_app  # noqa: E402
-from tests.test_server import ROOT, LiveServer, bomb_png, png_bytes  # noqa: E402
+from tests.server.helpers import ROOT, LiveServer, bomb_png, png_bytes  # noqa: E402
 
 MEAN, STD = 0.5, 0.25
 SHAPE = [1, 3, 28, 28]
@@ -527,7 +527,7 @@ def test_fuzz_multipart_uploads(srv, files, path, k):
 
 
 def test_fuzz_left_the_server_healthy_and_without_5xx(srv):
-    from tests.test_server import metric_samples, metric_sum
+    from tests.server.helpers import metric_samples, metric_sum
 
     assert srv.http.get("/v2/health/live").json() == {"live": True}
     assert srv.http.get("/v2/health/ready").json() == {"ready": True}

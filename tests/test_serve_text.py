@@ -21,7 +21,7 @@ from serve.onnx import OnnxEncoder, check_parity, export_onnx  # noqa: E402
 from serve.onnx_text import OnnxTextEncoder, check_text_parity, export_text_onnx, write_clip_repository  # noqa: E402
 from serve.server import create_app  # noqa: E402
 from serve.text import MAX_LABELS  # noqa: E402
-from tests.test_server import LiveServer, make_index, png_bytes  # noqa: E402
+from tests.server.helpers import LiveServer, make_index, png_bytes  # noqa: E402
 from zoo.data import load_dataset, transform_for  # noqa: E402
 
 MODEL = "clip_convnet_shapes"

@@ -212,6 +212,125 @@ def test_bad_input_refused_before_anything_is_written(tmp_path):
                               has_labels=False, index_type="ivfpq")
 
 
+class _CountingClient:
+    """A client that counts its queries (the windows asked)."""
+
+    def __init__(self, inner):
+        self.inner, self.queries = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def query(self, name, **kw):
+        self.queries.append(kw["filter"])
+        return self.inner.query(name, **kw)
+
+
+def test_ids_already_there_are_found_across_windows_and_never_inserted_twice(tmp_path, monkeypatch):
+    from serve.index import milvus_shards
+    from serve.index.milvus_connect import _release, connect
+
+    monkeypatch.setattr(milvus_shards, "MAX_K", 4)  # many windows on a small collection
+    db = str(tmp_path / "w.db")
+    plan = milvus_shards.prepare(db, "c", model_name="m", model_source="m", preprocess={}, dim=8, n_ids=40,
+                                 source={"data": "w"}, has_labels=False, index_type="flat")
+    x = np.random.default_rng(1).standard_normal((40, 8)).astype(np.float32)
+    there = np.array([0, 1, 2, 5, 9, 17, 18, 33, 39])
+    assert milvus_shards.insert(plan, x[there], there, [str(i) for i in there]) == len(there)
+    assert milvus_shards.missing_ids(plan, 0, 40).tolist() == np.setdiff1d(np.arange(40), there).tolist()
+    assert milvus_shards.missing_ids(plan, 16, 20).tolist() == [16, 19]
+    client = _CountingClient(connect(db))
+    try:
+        asked = np.array([39, 3, 17, 0, 17])  # unsorted, repeated, far apart
+        assert milvus_shards._present(client, plan.staging, asked).tolist() == [0, 17, 39]
+        assert len(client.queries) == 3  # windows at 0, 17, 39: the empty ones between are not asked
+    finally:
+        _release(client.inner, db)
+    # a rerun's shard overlapping rows already there (as when racing an old run): only the new ids go in
+    ids = np.arange(0, 12)
+    assert milvus_shards.insert(plan, x[ids], ids, [str(i) for i in ids]) == len(np.setdiff1d(ids, there))
+    client = connect(db)
+    try:
+        client.load_collection(plan.staging)
+        got = sorted(int(r["id"]) for r in client.query(plan.staging, filter="id >= 0", output_fields=["id"],
+                                                        limit=100))
+    finally:
+        _release(client, db)
+    assert got == sorted(set(there.tolist()) | set(ids.tolist()))  # each id exactly once
+
+
+def test_exact_neighbours_streamed_by_windows_equal_numpy(tmp_path):
+    from serve.index import milvus_shards
+    from serve.index.milvus_connect import _release, connect
+    from serve.index.milvus_exact import exact_knn_streamed, rows_by_id
+
+    db = str(tmp_path / "e.db")
+    plan = milvus_shards.prepare(db, "c", model_name="m", model_source="m", preprocess={}, dim=8, n_ids=50,
+                                 source={"data": "e"}, has_labels=False, index_type="flat")
+    x = np.random.default_rng(2).standard_normal((50, 8)).astype(np.float32)
+    ids = np.setdiff1d(np.arange(50), [0, 7, 8, 31, 49])  # holes, at a window's edges too
+    milvus_shards.insert(plan, x[ids], ids, [str(i) for i in ids])
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    q = np.random.default_rng(3).standard_normal((9, 8)).astype(np.float32)
+    client = connect(db)
+    try:
+        client.load_collection(plan.staging)
+        np.testing.assert_allclose(rows_by_id(client, plan.staging, ids[::-3]), unit[ids[::-3]], atol=1e-6)
+        with pytest.raises(ValueError, match=r"no rows with ids \[7\]"):
+            rows_by_id(client, plan.staging, np.array([3, 7]))
+        for window in (7, 8, 64):  # many windows, and one
+            got = exact_knn_streamed(client, plan.staging, q, 11, end=50, window=window)
+            want = ids[np.argsort(-(q @ unit[ids].T), axis=1, kind="stable")[:, :11]]  # numpy over the rows there
+            assert np.array_equal(got, want), window
+        few = exact_knn_streamed(client, plan.staging, q[:2], 50, end=50, window=8)  # k above the 45 rows
+        assert (few[:, 45:] == -1).all() and np.array_equal(np.sort(few[:, :45], axis=1), np.tile(ids, (2, 1)))
+    finally:
+        _release(client, db)
+
+
+def test_sharded_finish_tunes_as_the_full_vectors_would(tmp_path):
+    """finish reads back only the tuning sample (not N x D): the tuning record equals the one computed the
+    way it was before, from every vector read back, on the same published index and the same seeded draw."""
+    from serve.index import TUNE_K, TUNE_QUERIES, milvus_shards
+    from serve.index.auto import tune_search_param
+    from serve.index.milvus_backend import _raw_search
+    from serve.index.milvus_connect import _release, connect
+
+    n, d = 2000, 64
+    x = np.random.default_rng(4).standard_normal((n, d)).astype(np.float32)  # isotropic: HNSW misses some at ef 16
+    db = str(tmp_path / "t.db")
+    plan = milvus_shards.prepare(db, "c", model_name="m", model_source="m", preprocess={}, dim=d, n_ids=n,
+                                 source={"data": "t"}, has_labels=False, index_type="hnsw", seed=5,
+                                 target_recall=0.99)
+    ids = np.setdiff1d(np.arange(n), np.arange(0, n, 37))  # some items unreadable: holes in the ids
+    half = len(ids) // 2
+    for part in (ids[:half], ids[half:]):  # two ranks' inserts
+        milvus_shards.insert(plan, x[part], part, [str(i) for i in part])
+    info = milvus_shards.finish(plan)
+    tuning = info["tuning"]
+    assert tuning["queries"] == min(TUNE_QUERIES, len(ids) // 10) and len(tuning["curve"]) >= 1
+
+    client = connect(db)
+    try:  # before: every vector read back into x, exact truth over x, the same draw from the seed
+        name = info["physical_collection"]
+        client.load_collection(name)
+        full = np.zeros((n, d), np.float32)
+        in_index = np.zeros(n, bool)
+        for r in client.query(name, filter="id >= 0", output_fields=["id", "vector"], limit=n):
+            full[r["id"]], in_index[r["id"]] = r["vector"], True
+        assert np.array_equal(np.flatnonzero(in_index), ids)
+        assert len(ids) >= 2 * TUNE_K
+        sample = np.sort(np.random.default_rng(5).choice(ids, len(ids) // 10, replace=False))
+
+        def raw(q, k, p):
+            return _raw_search(client, name, "hnsw", q, k, p, ["id"])[:2]
+
+        before = tune_search_param("hnsw", raw, full, sample, in_index, plan.target_recall, leave_one_out=True)
+    finally:
+        _release(client, db)
+    assert before.pop("params") == info["search_params"] and before == tuning, (before, tuning)
+
+
 class _RetriedCreateClient:
     """A pymilvus client whose create_index fails as a retried one does after a dropped connection."""
 

@@ -190,13 +190,15 @@ def _exact_knn_among(xq: np.ndarray, xb: np.ndarray, k: int, allowed: np.ndarray
 def tune_search_param(
     index_type: str,
     raw_search: Callable[[np.ndarray, int, Mapping[str, Any]], tuple[np.ndarray, np.ndarray]],
-    x: np.ndarray,
+    x: np.ndarray | None,
     held: np.ndarray,
     in_index: np.ndarray,
     target_recall: float,
     nlist: int | None = None,
     progress: bool = False,
     leave_one_out: bool = False,
+    queries: np.ndarray | None = None,
+    exact_knn: Callable[[np.ndarray, int], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Tune efSearch / nprobe on the held-out rows ``held`` of ``x`` (ids = row numbers) against exact
     search over the rows in the index (``in_index``); see the module docstring.
@@ -206,12 +208,14 @@ def tune_search_param(
     chosen ``"params"``. ``leave_one_out``: the query rows are in the index (``in_index`` true for
     them); each query's own row is left out of its results and of its truth, so the index is tuned
     as it will be searched (a database's segment layout changes when rows are added later).
+    ``queries`` (the rows ``held``) and ``exact_knn(queries, k)`` (exact top-``k`` ids over the indexed
+    rows) stand in for ``x`` (then None) where the backend streams its rows instead of holding them.
     """
     k = TUNE_K
     if index_type == "flat" or not len(held):
         return {"params": {}, "target_recall": float(target_recall), "recall_at_10": 1.0, "queries": 0,
                 "curve": []}
-    xq = np.ascontiguousarray(x[held])
+    xq = np.ascontiguousarray(x[held] if queries is None else queries)
     extra = 1 if leave_one_out else 0
 
     def drop_self(found: np.ndarray) -> list[set[int]]:
@@ -219,7 +223,8 @@ def tune_search_param(
             return [set(f.tolist()) for f in found]
         return [set([i for i in f.tolist() if i != own][:k]) for f, own in zip(found, held.tolist())]
 
-    truth = drop_self(_exact_knn_among(xq, x, k + extra, in_index))
+    truth = drop_self(_exact_knn_among(xq, x, k + extra, in_index) if exact_knn is None
+                      else exact_knn(xq, k + extra))
 
     def recall(value: int) -> tuple[float, float]:
         params = {"efSearch": value} if index_type == "hnsw" else {"nprobe": value}

@@ -42,6 +42,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ from serve.index.base import (
     resolve_ids,
 )
 from serve.index.milvus_connect import _is_local, _norm_uri, _release, connect
+from serve.index.milvus_exact import exact_knn_streamed, rows_by_id
 
 MILVUS_TYPES = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT", "ivfpq": "IVF_PQ"}
 INSERT_CHUNK = 5_000
@@ -270,13 +272,14 @@ class MilvusIndex(FeatureIndex):
         return staging, live, present
 
     @classmethod
-    def _finish(cls, client: Any, uri: str, collection: str, staging: str, live: str | None, x: np.ndarray,
+    def _finish(cls, client: Any, uri: str, collection: str, staging: str, live: str | None, x: np.ndarray | None,
                 in_index: np.ndarray, params: Mapping[str, Any], index_type: str, memory_budget_mb: float,
                 target_recall: float, seed: int, progress: bool, model_source: str,
                 hooks: Mapping[str, Callable[[], None]], t0: float,
                 extra_meta: Mapping[str, Any] | None = None) -> MilvusIndex:
         """Index, tune and publish the staging collection that holds row ``i`` of ``x`` as id ``i`` for every
-        ``in_index[i]``: the alias then names it (atomically) and the previous collection is dropped."""
+        ``in_index[i]`` (``x`` None: not held here): the alias then names it (atomically) and the previous
+        collection is dropped."""
         kind = params["type"]
         client.flush(staging)
         cls._create_index(client, staging, params)
@@ -289,12 +292,16 @@ class MilvusIndex(FeatureIndex):
         n_tune = 0 if kind == "flat" or len(rows) < 2 * TUNE_K else min(TUNE_QUERIES, len(rows) // 10)
         sample = np.sort(rng.choice(rows, n_tune, replace=False)) if n_tune else np.zeros(0, np.int64)
         t1 = time.perf_counter()
+        queries = exact = None
+        if x is None and len(sample):  # rows inserted by other processes: their sample read back, truth streamed
+            queries = rows_by_id(client, staging, sample)
+            exact = partial(exact_knn_streamed, client, staging, end=len(in_index), window=MAX_K)
 
         def raw(q: np.ndarray, k: int, p: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
             return _raw_search(client, staging, kind, q, k, p, ["id"])[:2]
 
-        tuning = tune_search_param(kind, raw, x, sample, in_index, target_recall,
-                                   nlist=params.get("nlist"), progress=progress, leave_one_out=True)
+        tuning = tune_search_param(kind, raw, x, sample, in_index, target_recall, nlist=params.get("nlist"),
+                                   progress=progress, leave_one_out=True, queries=queries, exact_knn=exact)
         tune_s = time.perf_counter() - t1
         search_params = tuning.pop("params")
         meta = {

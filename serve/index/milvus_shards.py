@@ -10,9 +10,9 @@ The steps of :meth:`MilvusIndex.build`, split between ranks:
    one-process build's. Only ids not yet in the collection are embedded and inserted, so a rerun
    after a killed rank inserts what is missing and nothing twice. Features of the wrong dimension
    are refused before anything is written.
-3. :func:`finish` (rank 0, after every rank inserted): index, tune (leave-one-out, reading the
-   vectors back from the collection: rank 0 holds ``N x D`` floats then, as a one-process build
-   does), point the alias at it, drop the old collection.
+3. :func:`finish` (rank 0, after every rank inserted): index, tune (leave-one-out, on a seeded sample
+   of at most 1000 rows read back, against exact search streamed over the collection: rank 0 never
+   holds the ``N x D`` vectors), point the alias at it, drop the old collection.
 
 Concurrency: against a server URI (``http://``, ``https://``, ``tcp://``, ...) all ranks insert at
 once. Milvus Lite (a local ``.db``) allows one process per file, so the ranks take turns: each
@@ -35,7 +35,7 @@ import numpy as np
 
 from serve.index.auto import INDEX_TYPES, _build_params
 from serve.index.base import _as_matrix, _check_items, _check_labels, _log
-from serve.index.milvus_backend import MAX_ITEM, MAX_K, QUERY_CHUNK, MilvusIndex, _check_name
+from serve.index.milvus_backend import MAX_ITEM, MAX_K, MilvusIndex, _check_name
 from serve.index.milvus_connect import _is_local, _norm_uri, _release, connect
 
 
@@ -78,6 +78,11 @@ def open_client(uri: str) -> Iterator[Any]:
         finally:
             _release(client, uri)
         return
+    # Not one client per rank for the whole run: Milvus Lite's engine holds the file while a client is
+    # open, and the ranks meet at a barrier after inserting (train/embed.py), so a rank keeping its client
+    # would block the others' inserts before that barrier (a deadlock), and holding it from missing_ids on
+    # would serialise the embedding. A rank opens the file for its short steps only (rank 0: prepare,
+    # missing_ids, insert, finish; the others: missing_ids, insert), ~0.1 s each with 20k rows.
     if not Path(uri).parent.is_dir():
         connect(uri)  # raises the error naming the missing folder
     with open(lock_path(uri), "a+") as fh:
@@ -130,20 +135,25 @@ def prepare(uri: str, collection: str, *, model_name: str, model_source: str, pr
                      has_labels=bool(has_labels))
 
 
-def _present_in(client: Any, name: str, lo: int, hi: int) -> np.ndarray:
-    out: list[int] = []
-    for a in range(lo, hi, MAX_K):  # windows within Milvus's query-result limit
-        b = min(hi, a + MAX_K)
-        out.extend(int(r["id"]) for r in client.query(name, filter=f"id >= {a} and id < {b}", output_fields=["id"],
-                                                      limit=MAX_K))
-    return np.unique(np.array(out, dtype=np.int64))
+def _present(client: Any, name: str, ids: Any) -> np.ndarray:
+    """Those of ``ids`` already in collection ``name``, sorted: range queries over windows of ``MAX_K`` ids
+    (within Milvus's query-result limit), skipping windows that hold none of ``ids``."""
+    want = np.unique(np.asarray(ids, dtype=np.int64))
+    found: list[int] = []
+    s = 0
+    while s < len(want):
+        a = int(want[s])
+        found.extend(int(r["id"]) for r in client.query(name, filter=f"id >= {a} and id < {a + MAX_K}",
+                                                        output_fields=["id"], limit=MAX_K))
+        s = int(np.searchsorted(want, a + MAX_K))
+    return np.intersect1d(want, np.array(found, dtype=np.int64))
 
 
 def missing_ids(plan: ShardPlan, lo: int, hi: int) -> np.ndarray:
     """The ids in ``[lo, hi)`` not yet in the staging collection (all of them on a fresh build)."""
     with open_client(plan.uri) as client:
         client.load_collection(plan.staging)
-        present = _present_in(client, plan.staging, lo, hi)
+        present = _present(client, plan.staging, np.arange(lo, hi))
     return np.setdiff1d(np.arange(lo, hi, dtype=np.int64), present)
 
 
@@ -172,11 +182,9 @@ def insert(plan: ShardPlan, features: Any, ids: Any, items: Sequence[str], label
         return 0
     with open_client(plan.uri) as client:
         client.load_collection(plan.staging)
-        there: set[int] = set()
-        for s in range(0, n, QUERY_CHUNK):  # a rerun racing an old one must not insert an id twice
-            part = [int(i) for i in ids[s : s + QUERY_CHUNK]]
-            there.update(int(r["id"]) for r in client.query(plan.staging, filter=f"id in {part}", output_fields=["id"]))
-        rows = np.array([r for r in range(n) if int(ids[r]) not in there], dtype=np.int64)
+        # asked again just before inserting (missing_ids was asked before the embedding): a rerun racing
+        # an old one must not insert an id twice
+        rows = np.flatnonzero(~np.isin(ids, _present(client, plan.staging, ids)))
         MilvusIndex._insert(client, plan.staging, x, rows, ids[rows], items, lab, progress,
                             f"inserting into {plan.staging}", dict(hooks or {}))
         client.flush(plan.staging)
@@ -189,17 +197,17 @@ def finish(plan: ShardPlan, progress: bool = False, t0: float | None = None,
     t0 = time.perf_counter() if t0 is None else t0
     with open_client(plan.uri) as client:
         client.load_collection(plan.staging)
-        x = np.zeros((plan.n_ids, plan.dim), dtype=np.float32)
+        # Only the ids are read here, not the N x D vectors. The tuning queries are a sample seeded by
+        # plan.seed of min(TUNE_QUERIES = 1000, N/10) rows: auto.py's rule for every backend (bounded, and
+        # the pass rule subtracts two standard errors of the sample's recall), the same draw as a one-process
+        # build's. Only those rows are read back; their exact neighbours come from one streamed pass
+        # (serve/index/milvus_exact.py), so the tuning is the same as from all the vectors in memory.
         in_index = np.zeros(plan.n_ids, dtype=bool)
-        for a in range(0, plan.n_ids, MAX_K):  # the vectors back, for the exact truth the tuning needs
-            for r in client.query(plan.staging, filter=f"id >= {a} and id < {a + MAX_K}",
-                                  output_fields=["id", "vector"], limit=MAX_K):
-                x[int(r["id"])] = np.asarray(r["vector"], dtype=np.float32)
-                in_index[int(r["id"])] = True
+        in_index[_present(client, plan.staging, np.arange(plan.n_ids))] = True
         if not in_index.any():
             raise ValueError(f"nothing was inserted into {plan.staging}: every item was unreadable")
         _log(progress, f"{int(in_index.sum())} rows in {plan.staging}: indexing and tuning")
-        index = MilvusIndex._finish(client, plan.uri, plan.collection, plan.staging, plan.live, x, in_index,
+        index = MilvusIndex._finish(client, plan.uri, plan.collection, plan.staging, plan.live, None, in_index,
                                     plan.params, plan.index_type, plan.memory_budget_mb, plan.target_recall,
                                     plan.seed, progress, plan.model_source, dict(hooks or {}), t0,
                                     extra_meta=plan.extra_meta)

@@ -26,20 +26,16 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from serve.grpc_server import attach_grpc  # noqa: E402
 from serve.server import create_app  # noqa: E402
-from tests.test_server import (  # noqa: E402,F401 - encoder, onnx_path, test_pngs, torch_model: fixtures
+from tests.server.helpers import (  # noqa: E402
     MODEL,
     ROOT,
     LiveServer,
     Recording,
-    _free_port,
-    _prep,
-    encoder,
+    free_port,
     metric_samples,
     metric_sum,
-    onnx_path,
-    test_pngs,
+    prep,
     torch_features,
-    torch_model,
 )
 
 SHAPE = (3, 28, 28)
@@ -67,7 +63,7 @@ class GrpcLive(LiveServer):
 
 
 @pytest.fixture(scope="module")
-def live(encoder):  # noqa: F811
+def live(encoder):
     app = create_app(encoder, max_batch_size=16, max_queue_delay_ms=5.0, max_body_bytes=1 << 20, timeout_s=20.0)
     with GrpcLive(app) as srv:
         yield srv
@@ -127,9 +123,9 @@ def test_health_metadata_and_config_match_http(live):
 # ------------------------------------------------------------------------------------------ inference
 
 
-def test_infer_equals_http_and_pytorch(live, torch_model, test_pngs):  # noqa: F811
+def test_infer_equals_http_and_pytorch(live, torch_model, test_pngs):
     pngs = test_pngs[0][:5]
-    x = _prep(pngs, torch_model.pretrained_cfg)
+    x = prep(pngs, torch_model.pretrained_cfg)
     outs = [tritongrpc.InferRequestedOutput("features"), tritongrpc.InferRequestedOutput("cluster_probs")]
     r = live.client.infer(MODEL, [_grpc_input(x)], outputs=outs, request_id="g-1")
     assert r.get_response().id == "g-1" and r.get_response().model_name == MODEL
@@ -146,8 +142,8 @@ def test_infer_equals_http_and_pytorch(live, torch_model, test_pngs):  # noqa: F
     assert one.as_numpy("features") is None and one.as_numpy("cluster_probs").shape == (5, 10)
 
 
-def test_typed_contents_equal_raw_contents(live, torch_model, test_pngs):  # noqa: F811
-    x = _prep(test_pngs[0][:2], torch_model.pretrained_cfg)
+def test_typed_contents_equal_raw_contents(live, torch_model, test_pngs):
+    x = prep(test_pngs[0][:2], torch_model.pretrained_cfg)
     req = pb.ModelInferRequest(model_name=MODEL, model_version="1")
     t = req.inputs.add(name="images", datatype="FP32", shape=x.shape)
     t.contents.fp32_contents.extend(x.ravel().tolist())
@@ -158,10 +154,10 @@ def test_typed_contents_equal_raw_contents(live, torch_model, test_pngs):  # noq
     np.testing.assert_array_equal(feats.reshape(2, 256), _http_infer(live, x)["features"])
 
 
-def test_grpc_and_http_requests_share_one_batcher(encoder, torch_model, test_pngs):  # noqa: F811
+def test_grpc_and_http_requests_share_one_batcher(encoder, torch_model, test_pngs):
     rec = Recording(encoder.inner)
     app = create_app(rec, max_batch_size=16, max_queue_delay_ms=400.0)
-    x = _prep(test_pngs[0][:4], torch_model.pretrained_cfg)
+    x = prep(test_pngs[0][:4], torch_model.pretrained_cfg)
     with GrpcLive(app) as srv:
         results: dict[str, np.ndarray] = {}
 
@@ -199,8 +195,8 @@ def _poisoned(x: np.ndarray, value: float) -> np.ndarray:
     return bad
 
 
-def test_bad_input_gets_a_status_code_then_a_good_request_succeeds(live, torch_model, test_pngs):  # noqa: F811
-    good = _prep(test_pngs[0][:1], torch_model.pretrained_cfg)
+def test_bad_input_gets_a_status_code_then_a_good_request_succeeds(live, torch_model, test_pngs):
+    good = prep(test_pngs[0][:1], torch_model.pretrained_cfg)
     expected = live.client.infer(MODEL, [_grpc_input(good)]).as_numpy("features")
     big = np.zeros((400, *SHAPE), np.float32)  # 3.8 MB > the 1 MiB body limit
     cases = [
@@ -245,8 +241,8 @@ def test_bad_input_gets_a_status_code_then_a_good_request_succeeds(live, torch_m
     assert metric_sum(s, "zoo_http_failures_total", endpoint=ep, kind="client") >= 10
 
 
-def test_bearer_token_in_metadata(encoder, torch_model, test_pngs):  # noqa: F811
-    x = _prep(test_pngs[0][:1], torch_model.pretrained_cfg)
+def test_bearer_token_in_metadata(encoder, torch_model, test_pngs):
+    x = prep(test_pngs[0][:1], torch_model.pretrained_cfg)
     with GrpcLive(create_app(encoder, api_key="s3cret")) as srv:
         c = srv.client
         assert c.is_server_live() and c.is_server_ready()  # health needs no key, as on HTTP
@@ -262,9 +258,9 @@ def test_bearer_token_in_metadata(encoder, torch_model, test_pngs):  # noqa: F81
         np.testing.assert_allclose(feats, encoder.inner.run(x)["features"], atol=1e-5)
 
 
-def test_timeout_is_deadline_exceeded_and_the_next_request_succeeds(encoder, torch_model, test_pngs):  # noqa: F811
+def test_timeout_is_deadline_exceeded_and_the_next_request_succeeds(encoder, torch_model, test_pngs):
     slow = Recording(encoder.inner, delay_s=1.0)
-    x = _prep(test_pngs[0][:1], torch_model.pretrained_cfg)
+    x = prep(test_pngs[0][:1], torch_model.pretrained_cfg)
     with GrpcLive(create_app(slow, timeout_s=0.3, max_queue_delay_ms=0.0)) as srv:
         with pytest.raises(InferenceServerException) as e:
             srv.client.infer(MODEL, [_grpc_input(x)])
@@ -288,13 +284,13 @@ def test_cli_grpc_port_in_use_is_exit_2(capsys):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        assert main(["serve", "--port", str(_free_port()), "--grpc-port", str(port), "--no-demo"]) == 2
+        assert main(["serve", "--port", str(free_port()), "--grpc-port", str(port), "--no-demo"]) == 2
     err = capsys.readouterr().err
     assert f"127.0.0.1:{port}" in err and "--grpc-port" in err
 
 
-def test_zoo_serve_speaks_grpc_then_sigterm_exits_0(tmp_path, onnx_path, torch_model, test_pngs):  # noqa: F811
-    port, gport = _free_port(), _free_port()
+def test_zoo_serve_speaks_grpc_then_sigterm_exits_0(tmp_path, onnx_path, torch_model, test_pngs):
+    port, gport = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ZOO_CACHE": str(tmp_path / "cache")}
     env.pop("ZOO_API_KEY", None)
     cmd = [sys.executable, "-c", "import sys; from zoo.cli import main; sys.exit(main())", "serve", "--no-demo",
@@ -307,7 +303,7 @@ def test_zoo_serve_speaks_grpc_then_sigterm_exits_0(tmp_path, onnx_path, torch_m
                 break
         else:
             pytest.fail(proc.stderr.read())
-        x = _prep(test_pngs[0][:2], torch_model.pretrained_cfg)
+        x = prep(test_pngs[0][:2], torch_model.pretrained_cfg)
         with tritongrpc.InferenceServerClient(f"127.0.0.1:{gport}") as c:
             assert c.is_server_ready()
             feats = c.infer(MODEL, [_grpc_input(x)]).as_numpy("features")
