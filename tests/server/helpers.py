@@ -65,8 +65,10 @@ class LiveServer:
         self.port = self.sock.getsockname()[1]
         self.url = f"127.0.0.1:{self.port}"
         self.base = f"http://{self.url}"
+        from serve.http_protocol import CoalescingHttpToolsProtocol  # as serve.server.run_server serves
+
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                                    timeout_graceful_shutdown=5))
+                                                    timeout_graceful_shutdown=5, http=CoalescingHttpToolsProtocol))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.http = httpx.Client(base_url=self.base, timeout=30)  # one client: no per-request SSL setup
 
