@@ -29,6 +29,21 @@ from serve.preprocess import (
 # ----------------------------------------------------------------------------------------------- metrics
 
 
+class _InFlight:
+    """Requests being handled, as a plain int: every front end counts on the one event loop."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+    def dec(self) -> None:
+        self.value -= 1
+
+
 class ServerMetrics:
     """Prometheus metrics of one app, in their own registry (several apps can live in one process)."""
 
@@ -41,7 +56,9 @@ class ServerMetrics:
         self.latency = Histogram("zoo_http_request_duration_seconds", "request latency", ["endpoint"],
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
                                  registry=r)
-        self.in_flight = Gauge("zoo_http_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.in_flight = _InFlight()  # inc/dec per request without a lock; the gauge reads it when scraped
+        Gauge("zoo_http_requests_in_flight", "HTTP requests being handled",
+              registry=r).set_function(lambda: self.in_flight.value)
         self.batch_size = Histogram("zoo_batch_size", "images per encoder call (dynamic batching); "
                                     "_sum/_count = average batch size", ["model"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)

@@ -1,9 +1,9 @@
 """KServe v2 gRPC front end (Triton's ``inference.GRPCInferenceService``) beside the HTTP server.
 
 ``attach_grpc(app, host, port)`` adds a ``grpc.aio`` server to an app from :func:`serve.server.create_app`.
-It runs in the SAME asyncio loop as uvicorn (started and stopped by the app's lifespan), because the
-:class:`~serve.server.DynamicBatcher` of each model lives on that loop: HTTP and gRPC requests are merged
-into the same encoder calls. It shares with HTTP the model table, the bearer-token check (metadata
+It runs in the SAME asyncio loop as uvicorn (started and stopped by the app's lifespan) and submits to
+the same :class:`~serve.server.DynamicBatcher` of each model: HTTP and gRPC requests are merged into the
+same encoder calls, and the in-flight count is one plain counter on that loop. It shares with HTTP the model table, the bearer-token check (metadata
 ``authorization: Bearer KEY``; ServerLive/ServerReady exempt like ``/v2/health/*``), the limits (largest
 message = the HTTP body limit, the per-request timeout, the input checks) and the Prometheus counters
 (``zoo_http_*`` with ``method="GRPC"``, ``endpoint`` = the RPC path, ``status`` = the gRPC status name).

@@ -343,14 +343,13 @@ def create_app(
         body = chunks[0] if len(chunks) == 1 else (b"" if not chunks else await off_loop(b"".join, chunks))
         del chunks
 
-        def parse() -> tuple[dict[str, Any], np.ndarray]:
+        def parse() -> tuple[dict[str, Any], np.ndarray, list[tuple[str, bool]]]:
             req, images = parse_infer_request(decompress(body, encoding, max_body_bytes), header_length, mdl)
-            requested_outputs(req, mdl)  # validate before computing
-            return req, images
+            return req, images, requested_outputs(req, mdl)  # validated before computing
 
         # Small bodies parse in microseconds: a thread hop would cost more than it frees the loop.
         small = len(body) < INLINE_PARSE_BYTES and encoding in ("", "identity")
-        req, images = parse() if small else await off_loop(parse)
+        req, images, wanted = parse() if small else await off_loop(parse)
         if len(body) >= 4 << 20:  # the parsed lists and copies are freed: give their pages back
             del body
             await off_loop(release_memory)
@@ -359,8 +358,8 @@ def create_app(
         except (TimeoutError, asyncio.TimeoutError):
             raise ApiError(504, f"request did not finish within the server timeout of {timeout_s:g} s") from None
         if small and len(images) <= 64:
-            return build_infer_response(req, mdl, out)
-        return await off_loop(build_infer_response, req, mdl, out)
+            return build_infer_response(req, mdl, out, wanted)
+        return await off_loop(build_infer_response, req, mdl, out, wanted)
 
     # The route (OpenAPI, and the path for text towers); image models' requests take serve.guard.InferFastPath,
     # which calls infer_body straight from ASGI (serve/guard.py).
