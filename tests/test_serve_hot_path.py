@@ -4,6 +4,8 @@
   (a worker task on the loop could not run then), and requests from two event loops share batches.
 - FastAPI's per-request OpenTelemetry check is cached for ``TELEMETRY_RECHECK_S``: a tracer provider
   configured while the server runs is used for the requests after that.
+- The server process freezes its startup objects for the garbage collector and collects the young
+  generation less often, and reference cycles are still collected.
 """
 
 from __future__ import annotations
@@ -111,3 +113,29 @@ def test_a_tracer_provider_configured_while_serving_is_used_after_the_recheck(mo
         clock[0] += app.TELEMETRY_RECHECK_S + 0.01
         client.get("/ping")
         assert app._telemetry_on is True and provider.get_tracer.called  # FastAPI traced this request
+
+
+def test_gc_tuning_freezes_startup_objects_and_still_collects_cycles():
+    import subprocess
+    import sys
+    import textwrap
+
+    # in a child process: freezing is for a server process, not for the test runner
+    code = textwrap.dedent("""
+        import gc, weakref
+        from serve.server import GC_YOUNG_THRESHOLD, tune_gc_for_serving
+        before = gc.get_freeze_count()
+        tune_gc_for_serving()
+        assert gc.get_freeze_count() > before, "startup objects were not frozen"
+        assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
+        class Node: pass
+        freed = []
+        a, b = Node(), Node(); a.other, b.other = b, a  # a reference cycle: refcounting cannot free it
+        weakref.finalize(a, freed.append, True)
+        del a, b
+        junk = [[i] for i in range(3 * GC_YOUNG_THRESHOLD)]  # allocations alone trigger a collection
+        assert freed == [True], "the cycle was never collected"
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
