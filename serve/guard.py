@@ -53,6 +53,9 @@ def _cookie(headers: Mapping[bytes, bytes], name: str) -> str:
     return urllib.parse.unquote(morsel.value) if morsel else ""
 
 
+_UNREAD: list[bytes] = []  # _admit's answer for a bodiless GET/HEAD/OPTIONS/DELETE: the app reads `receive`
+
+
 class _Guard:
     """Pure ASGI middleware: auth, body limit (buffered, 413), in-flight gauge, request metrics."""
 
@@ -144,6 +147,10 @@ class _Guard:
                     return
             await self.app(scope, receive, send)
             return
+        hit = None if self.fast is None else self.fast.match(scope)
+        if hit is not None:
+            await self._fast_call(scope, receive, send, hit)
+            return
         m = self.metrics
         pristine = dict(scope)
         status = {"code": 500}
@@ -162,17 +169,39 @@ class _Guard:
             self._observe(self._endpoint(scope, pristine), scope["method"], status["code"],
                           time.perf_counter() - start)
 
-    async def _handle(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def _fast_call(self, scope: dict, receive: Callable, send: Callable, hit: re.Match) -> None:
+        """A v2 infer request: the same checks as ``_handle``, then :class:`InferFastPath`, without the
+        wrappers the general path needs (a send hook for the status, a copy of the scope for the label)."""
+        m = self.metrics
+        start = time.perf_counter()
+        code = 500
+        m.in_flight.inc()
+        try:
+            admitted = await self._admit(scope, receive, send)
+            if isinstance(admitted, int):
+                code = admitted
+            elif admitted is not None:
+                code = await self.fast.handle(scope, hit, admitted, send)
+        finally:
+            m.in_flight.dec()
+            self._observe(self.fast.label(hit), "POST", code, time.perf_counter() - start)
+
+    async def _admit(self, scope: dict, receive: Callable, send: Callable) -> list[bytes] | int | None:
+        """Auth and the body limit, then the whole body read (bounded): its chunks; or the status already
+        answered (401, 400, 413, a demo login's 303); or None when the client went away.
+
+        GET/HEAD/OPTIONS/DELETE without a body are let through with ``[]`` unread (``receive`` intact).
+        """
         headers = dict(scope.get("headers") or [])
         if self.api_key and not scope["path"].startswith(HEALTH_PREFIX) and not self._authorized(headers, scope["path"]):
             if await self._demo_login(scope, send):
-                return
+                return 303
             missing = b"authorization" not in headers
             msg = ("missing API key: send 'Authorization: Bearer <key>'" if missing
                    else "invalid API key in the Authorization header")
             await self._reply(send, 401, msg, {"WWW-Authenticate": 'Bearer realm="zoo"' +
                                                ("" if missing else ', error="invalid_token"')})
-            return
+            return 401
         limit = self.max_body_bytes
         too_big = f"request body exceeds the limit of {limit} bytes"
         declared = headers.get(b"content-length")
@@ -181,16 +210,15 @@ class _Guard:
                 declared_n = int(declared)
             except ValueError:
                 await self._reply(send, 400, f"invalid Content-Length header {declared!r}")
-                return
+                return 400
             if declared_n > limit:
                 # No "Connection: close": uvicorn then reads and drops the rest of the body, so the client
                 # (still sending) gets this answer instead of a connection reset.
                 await self._reply(send, 413, f"{too_big} (Content-Length: {declared_n})")
-                return
+                return 413
         if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE") and declared is None \
                 and b"transfer-encoding" not in headers:
-            await self.app(scope, receive, send)
-            return
+            return _UNREAD
         # Read the whole body (bounded) before the app sees it: a chunked body over the limit is refused
         # while it streams, and handlers never run on a partial body.
         chunks: list[bytes] = []
@@ -198,20 +226,24 @@ class _Guard:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 await self._reply(send, 413, too_big)
-                return
+                return 413
             chunks.append(chunk)
             if not message.get("more_body", False):
-                break
-        if self.fast is not None:
-            hit = self.fast.match(scope)
-            if hit is not None:
-                await self.fast.handle(scope, hit, chunks, send)
-                return
+                return chunks
+
+    async def _handle(self, scope: dict, receive: Callable, send: Callable) -> None:
+        admitted = await self._admit(scope, receive, send)
+        if admitted is None or isinstance(admitted, int):
+            return
+        if admitted is _UNREAD:
+            await self.app(scope, receive, send)
+            return
+        chunks = admitted
         # Replayed as the chunks that came in: joining a 15 MB body here would copy it on the event loop.
         pending = collections.deque(chunks) if chunks else collections.deque([b""])
 
@@ -250,7 +282,12 @@ class InferFastPath:
         m = self._PATH.fullmatch(scope["path"])
         return None if m is None or m.group(1) in self.skip else m
 
-    async def handle(self, scope: dict, m: re.Match, chunks: list[bytes], send: Callable) -> None:
+    def label(self, m: re.Match) -> str:
+        """The metrics' endpoint label of a matched request: its FastAPI route's path template."""
+        return str(self.routes[m.group(2) is not None].path)
+
+    async def handle(self, scope: dict, m: re.Match, chunks: list[bytes], send: Callable) -> int:
+        """Answer the request; returns the HTTP status sent."""
         scope["route"] = self.routes[m.group(2) is not None]
         encoding, header_length = "", None
         for key, value in scope["headers"]:
@@ -271,6 +308,7 @@ class InferFastPath:
             raw.append((b"content-length", str(len(content)).encode()))
             await send({"type": "http.response.start", "status": 200, "headers": raw})
             await send({"type": "http.response.body", "body": content})
-            return
+            return 200
         await send({"type": "http.response.start", "status": error.status_code, "headers": error.raw_headers})
         await send({"type": "http.response.body", "body": error.body})
+        return error.status_code
