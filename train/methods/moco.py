@@ -105,15 +105,21 @@ class MoCo(Method):
     def __init__(
         self, model: ZooModel, proj_hidden_dim: int = 2048, proj_dim: int = 128, queue_length: int = 4096,
         momentum: float = 0.999, temperature: float = 0.2, symmetric: bool = False, bn_splits: int = 1,
-        unmix: bool = False, unmix_alpha: float = 1.0,
+        unmix: bool = False, unmix_alpha: float = 1.0, proj_batch_norm: bool = False,
+        proj_last_bn: bool = False,
     ):
         super().__init__(model)
         self.unmix, self.unmix_alpha = unmix, unmix_alpha  # Un-Mix option (train/methods/unmix.py)
         if queue_length < 1 or bn_splits < 1:
             raise ValueError(f"queue_length ({queue_length}) and bn_splits ({bn_splits}) must be >= 1")
-        # MoCo v2's head: Linear-ReLU-Linear, no BatchNorm.
+        # MoCo v2's head: Linear-ReLU-Linear, no BatchNorm. The two options are MoCo v3's projector
+        # (facebookresearch/moco-v3, moco/builder.py: _build_mlp): ``proj_batch_norm`` puts BN after the
+        # hidden layer (Linear-BN-ReLU-Linear), ``proj_last_bn`` an affine-free BN on the output. The output
+        # BN centres every BN group's keys, so a key's age (the drift of the key encoder, a common offset of
+        # all keys of one step) cannot tell the current positive from the queue's older keys. The key head
+        # gets the same BN, computed per ``bn_splits`` group like the encoder's.
         self.projector = ProjectionHead(model.num_features, proj_hidden_dim, proj_dim, num_layers=2,
-                                        batch_norm=False)
+                                        batch_norm=proj_batch_norm, last_bn=proj_last_bn)
         self.key_model = frozen_copy(model)
         self.key_projector = frozen_copy(self.projector)
         self.momentum = momentum
