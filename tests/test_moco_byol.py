@@ -207,3 +207,30 @@ def test_byol_lowers_loss_and_resumes_bit_exact(tmp_path):
     # more than the weights learn); 0.05 lowers it from 3.60 to 2.66 in five steps.
     check_two_steps_lower_loss(tmp_path / "loss", steps=5, lr=0.05, method="byol", method_kwargs=BYOL_KW)
     check_resume_bit_exact(tmp_path / "resume", total=4, cut=2, batch_size=32, method="byol", method_kwargs=BYOL_KW)
+
+
+def test_byol_predictor_lr_mult_scales_the_first_adamw_step(tmp_path):
+    # AdamW's first update of a weight with gradient g is lr * g / (|g| + eps), i.e. almost exactly lr in size
+    # (bias-corrected moments m = g, v = g^2): so the median |change| of a group is that group's rate.
+    kw = {**BYOL_KW, "predictor_lr_mult": 10.0}
+    trainer = Trainer(tiny_cfg(method="byol", method_kwargs=kw, max_steps=1, weight_decay=0.0), tmp_path,
+                      progress=False)
+    byol: BYOL = trainer.method
+    pred = {id(p) for p in byol.predictor.parameters()}
+    groups = trainer.optimizer.param_groups
+    assert [g.get("lr_mult", 1.0) for g in groups] == [1.0, 10.0]
+    assert {id(p) for p in groups[1]["params"]} == pred and not pred & {id(p) for p in groups[0]["params"]}
+    watched = {"encoder": list(byol.model.parameters()) + list(byol.projector.parameters()),
+               "predictor": list(byol.predictor.parameters())}
+    before = {k: [p.detach().clone() for p in ps] for k, ps in watched.items()}
+    trainer.fit()
+    lr = 0.01 * 64 / 256  # tiny_cfg's base lr, scaled linearly; no warm-up, and step 0 of the cosine is 1.0
+    assert groups[0]["lr"] == pytest.approx(lr) and groups[1]["lr"] == pytest.approx(10 * lr)
+    for name, scale in (("encoder", 1.0), ("predictor", 10.0)):
+        delta = torch.cat([(p.detach() - b).abs().flatten() for p, b in zip(watched[name], before[name])])
+        assert delta[delta > 0].median().item() == pytest.approx(scale * lr, rel=1e-3)
+
+
+def test_byol_rejects_a_non_positive_predictor_lr_mult():
+    with pytest.raises(ValueError, match="predictor_lr_mult"):
+        BYOL(tiny_model(), **BYOL_KW, predictor_lr_mult=0.0)

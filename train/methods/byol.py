@@ -49,9 +49,15 @@ class BYOL(Method):
 
     def __init__(
         self, model: ZooModel, proj_hidden_dim: int = 4096, proj_dim: int = 256, pred_hidden_dim: int = 4096,
-        tau_base: float = 0.996, unmix: bool = False, unmix_alpha: float = 1.0,
+        tau_base: float = 0.996, unmix: bool = False, unmix_alpha: float = 1.0, predictor_lr_mult: float = 1.0,
     ):
         super().__init__(model)
+        if predictor_lr_mult <= 0:
+            raise ValueError(f"predictor_lr_mult must be > 0, got {predictor_lr_mult}")
+        # Not in BYOL itself: DirectPred (Tian, Chen & Ganguli, ICML 2021: a relatively larger learning rate for
+        # the predictor than for the encoder helps BYOL/SimSiam) and SimSiam (Chen & He, CVPR 2021: the
+        # predictor at a fixed, undecayed lr works better) let the predictor learn faster than the encoder.
+        self.predictor_lr_mult = float(predictor_lr_mult)
         self.unmix, self.unmix_alpha = unmix, unmix_alpha  # Un-Mix option (train/methods/unmix.py)
         # Projector and predictor: Linear-BN-ReLU-Linear (Grill et al. 2020, sec. 3.3).
         self.projector = ProjectionHead(model.num_features, proj_hidden_dim, proj_dim, num_layers=2, batch_norm=True)
@@ -59,6 +65,12 @@ class BYOL(Method):
         self.target_model = frozen_copy(model)
         self.target_projector = frozen_copy(self.projector)
         self.tau_base = tau_base
+
+    def param_groups(self) -> list[dict]:
+        """Encoder + projector at the recipe's rate, the predictor at ``predictor_lr_mult`` x it."""
+        pred = {id(p) for p in self.predictor.parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in pred]
+        return [{"params": rest}, {"params": list(self.predictor.parameters()), "lr_mult": self.predictor_lr_mult}]
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Online network: ``[B,3,H,W] -> [B,proj_dim]`` predictions."""
