@@ -68,6 +68,8 @@ class BYOL(Method):
 
     def param_groups(self) -> list[dict]:
         """Encoder + projector at the recipe's rate, the predictor at ``predictor_lr_mult`` x it."""
+        if self.predictor_lr_mult == 1.0:  # one group, as before the option: older checkpoints still resume
+            return super().param_groups()
         pred = {id(p) for p in self.predictor.parameters()}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in pred]
         return [{"params": rest}, {"params": list(self.predictor.parameters()), "lr_mult": self.predictor_lr_mult}]
