@@ -234,3 +234,17 @@ def test_byol_predictor_lr_mult_scales_the_first_adamw_step(tmp_path):
 def test_byol_rejects_a_non_positive_predictor_lr_mult():
     with pytest.raises(ValueError, match="predictor_lr_mult"):
         BYOL(tiny_model(), **BYOL_KW, predictor_lr_mult=0.0)
+
+
+def test_byol_proj_last_bn_centres_online_and_target_projections():
+    # SimSiam's output BN (no affine), train mode: each projection dimension has batch mean 0 and variance 1
+    # (population variance, up to BN's eps), for the online projector and for its EMA copy in the target.
+    torch.manual_seed(0)
+    byol = BYOL(tiny_model(), **BYOL_KW, proj_last_bn=True).train()
+    x = torch.rand(32, 3, 16, 16)
+    for z in (byol.projector(byol.model.forward_features(x)), byol.target(x)):
+        torch.testing.assert_close(z.mean(0), torch.zeros(z.shape[1]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(z.var(0, unbiased=False), torch.ones(z.shape[1]), atol=2e-3, rtol=0)
+    assert not any(p.requires_grad for p in byol.target_projector.parameters())
+    plain = BYOL(tiny_model(), **BYOL_KW).train()  # the default keeps BYOL's projector: its output is not centred
+    assert plain.target(x).mean(0).abs().max() > 1e-2

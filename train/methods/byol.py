@@ -50,6 +50,7 @@ class BYOL(Method):
     def __init__(
         self, model: ZooModel, proj_hidden_dim: int = 4096, proj_dim: int = 256, pred_hidden_dim: int = 4096,
         tau_base: float = 0.996, unmix: bool = False, unmix_alpha: float = 1.0, predictor_lr_mult: float = 1.0,
+        proj_last_bn: bool = False,
     ):
         super().__init__(model)
         if predictor_lr_mult <= 0:
@@ -60,7 +61,13 @@ class BYOL(Method):
         self.predictor_lr_mult = float(predictor_lr_mult)
         self.unmix, self.unmix_alpha = unmix, unmix_alpha  # Un-Mix option (train/methods/unmix.py)
         # Projector and predictor: Linear-BN-ReLU-Linear (Grill et al. 2020, sec. 3.3).
-        self.projector = ProjectionHead(model.num_features, proj_hidden_dim, proj_dim, num_layers=2, batch_norm=True)
+        # ``proj_last_bn``: BN (no affine) on the projector's output too, as SimSiam's projector has (Chen & He,
+        # CVPR 2021, sec. 4: "BN applied to each fully-connected layer, including its output fc"). Not in BYOL.
+        # Why here: with heavy nuisance augmentation the target projection is mostly its batch mean, so the
+        # predictor learns to output that constant and the encoder gets no gradient; a centred target
+        # cannot be matched by a constant (docs/benchmarks.md, "Shape-aware clusters", the BYOL probes).
+        self.projector = ProjectionHead(model.num_features, proj_hidden_dim, proj_dim, num_layers=2, batch_norm=True,
+                                        last_bn=proj_last_bn)
         self.predictor = ProjectionHead(proj_dim, pred_hidden_dim, proj_dim, num_layers=2, batch_norm=True)
         self.target_model = frozen_copy(model)
         self.target_projector = frozen_copy(self.projector)
