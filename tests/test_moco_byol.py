@@ -248,3 +248,13 @@ def test_byol_proj_last_bn_centres_online_and_target_projections():
     assert not any(p.requires_grad for p in byol.target_projector.parameters())
     plain = BYOL(tiny_model(), **BYOL_KW).train()  # the default keeps BYOL's projector: its output is not centred
     assert plain.target(x).mean(0).abs().max() > 1e-2
+
+
+def test_byol_linear_predictor_on_centred_projections_has_zero_batch_mean():
+    byol = BYOL(tiny_model(), **BYOL_KW, proj_last_bn=True, linear_predictor=True).train()
+    assert isinstance(byol.predictor, torch.nn.Linear) and byol.predictor.bias is None
+    x = torch.rand(32, 3, 16, 16)
+    z = byol.projector(byol.model.forward_features(x))
+    p = byol.predict(x)
+    torch.testing.assert_close(p, z @ byol.predictor.weight.T)  # p = W z, nothing else
+    torch.testing.assert_close(p.mean(0), torch.zeros(p.shape[1]), atol=1e-5, rtol=0)

@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from train.methods.base import Method, StepContext, register_method
 from train.methods.moco import copy_weights_, frozen_copy, momentum_update
@@ -50,7 +51,7 @@ class BYOL(Method):
     def __init__(
         self, model: ZooModel, proj_hidden_dim: int = 4096, proj_dim: int = 256, pred_hidden_dim: int = 4096,
         tau_base: float = 0.996, unmix: bool = False, unmix_alpha: float = 1.0, predictor_lr_mult: float = 1.0,
-        proj_last_bn: bool = False,
+        proj_last_bn: bool = False, linear_predictor: bool = False,
     ):
         super().__init__(model)
         if predictor_lr_mult <= 0:
@@ -68,7 +69,14 @@ class BYOL(Method):
         # cannot be matched by a constant (docs/benchmarks.md, "Shape-aware clusters", the BYOL probes).
         self.projector = ProjectionHead(model.num_features, proj_hidden_dim, proj_dim, num_layers=2, batch_norm=True,
                                         last_bn=proj_last_bn)
-        self.predictor = ProjectionHead(proj_dim, pred_hidden_dim, proj_dim, num_layers=2, batch_norm=True)
+        # ``linear_predictor``: one bias-free linear map, the predictor that DirectPred analyses and trains (Tian,
+        # Chen & Ganguli, ICML 2021, sec. 3 and 6: a linear predictor trained by gradient works as well as the
+        # MLP). On centred projections (``proj_last_bn``) its output has batch mean 0 exactly: it cannot fall
+        # back to predicting a constant, which the MLP (ReLU hidden units have a positive mean) can.
+        self.predictor: nn.Module = (
+            nn.Linear(proj_dim, proj_dim, bias=False) if linear_predictor
+            else ProjectionHead(proj_dim, pred_hidden_dim, proj_dim, num_layers=2, batch_norm=True)
+        )
         self.target_model = frozen_copy(model)
         self.target_projector = frozen_copy(self.projector)
         self.tau_base = tau_base
