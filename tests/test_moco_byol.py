@@ -235,3 +235,54 @@ def test_byol_lowers_loss_and_resumes_bit_exact(tmp_path):
     # more than the weights learn); 0.05 lowers it from 3.60 to 2.66 in five steps.
     check_two_steps_lower_loss(tmp_path / "loss", steps=5, lr=0.05, method="byol", method_kwargs=BYOL_KW)
     check_resume_bit_exact(tmp_path / "resume", total=4, cut=2, batch_size=32, method="byol", method_kwargs=BYOL_KW)
+
+
+def test_byol_predictor_lr_mult_scales_the_first_adamw_step(tmp_path):
+    # AdamW's first update of a weight with gradient g is lr * g / (|g| + eps), i.e. almost exactly lr in size
+    # (bias-corrected moments m = g, v = g^2): so the median |change| of a group is that group's rate.
+    kw = {**BYOL_KW, "predictor_lr_mult": 10.0}
+    trainer = Trainer(tiny_cfg(method="byol", method_kwargs=kw, max_steps=1, weight_decay=0.0), tmp_path,
+                      progress=False)
+    byol: BYOL = trainer.method
+    pred = {id(p) for p in byol.predictor.parameters()}
+    groups = trainer.optimizer.param_groups
+    assert [g.get("lr_mult", 1.0) for g in groups] == [1.0, 10.0]
+    assert {id(p) for p in groups[1]["params"]} == pred and not pred & {id(p) for p in groups[0]["params"]}
+    watched = {"encoder": list(byol.model.parameters()) + list(byol.projector.parameters()),
+               "predictor": list(byol.predictor.parameters())}
+    before = {k: [p.detach().clone() for p in ps] for k, ps in watched.items()}
+    trainer.fit()
+    lr = 0.01 * 64 / 256  # tiny_cfg's base lr, scaled linearly; no warm-up, and step 0 of the cosine is 1.0
+    assert groups[0]["lr"] == pytest.approx(lr) and groups[1]["lr"] == pytest.approx(10 * lr)
+    for name, scale in (("encoder", 1.0), ("predictor", 10.0)):
+        delta = torch.cat([(p.detach() - b).abs().flatten() for p, b in zip(watched[name], before[name])])
+        assert delta[delta > 0].median().item() == pytest.approx(scale * lr, rel=1e-3)
+
+
+def test_byol_rejects_a_non_positive_predictor_lr_mult():
+    with pytest.raises(ValueError, match="predictor_lr_mult"):
+        BYOL(tiny_model(), **BYOL_KW, predictor_lr_mult=0.0)
+
+
+def test_byol_proj_last_bn_centres_online_and_target_projections():
+    # SimSiam's output BN (no affine), train mode: each projection dimension has batch mean 0 and variance 1
+    # (population variance, up to BN's eps), for the online projector and for its EMA copy in the target.
+    torch.manual_seed(0)
+    byol = BYOL(tiny_model(), **BYOL_KW, proj_last_bn=True).train()
+    x = torch.rand(32, 3, 16, 16)
+    for z in (byol.projector(byol.model.forward_features(x)), byol.target(x)):
+        torch.testing.assert_close(z.mean(0), torch.zeros(z.shape[1]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(z.var(0, unbiased=False), torch.ones(z.shape[1]), atol=2e-3, rtol=0)
+    assert not any(p.requires_grad for p in byol.target_projector.parameters())
+    plain = BYOL(tiny_model(), **BYOL_KW).train()  # the default keeps BYOL's projector: its output is not centred
+    assert plain.target(x).mean(0).abs().max() > 1e-2
+
+
+def test_byol_linear_predictor_on_centred_projections_has_zero_batch_mean():
+    byol = BYOL(tiny_model(), **BYOL_KW, proj_last_bn=True, linear_predictor=True).train()
+    assert isinstance(byol.predictor, torch.nn.Linear) and byol.predictor.bias is None
+    x = torch.rand(32, 3, 16, 16)
+    z = byol.projector(byol.model.forward_features(x))
+    p = byol.predict(x)
+    torch.testing.assert_close(p, z @ byol.predictor.weight.T)  # p = W z, nothing else
+    torch.testing.assert_close(p.mean(0), torch.zeros(p.shape[1]), atol=1e-5, rtol=0)

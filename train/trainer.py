@@ -133,7 +133,12 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """The recipe's optimizer over ``params``: tensors, or groups ``{"params": [...], "lr_mult": m}`` whose
+    learning rate is ``m`` x the recipe's (``Method.param_groups``; the schedule scales every group alike)."""
     lr = cfg.lr * cfg.batch_size / 256
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**g, "lr": lr * float(g.get("lr_mult", 1.0))} for g in params]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
@@ -227,7 +232,7 @@ class Trainer:
             classes = len(getattr(self.data.dataset, "classes", []) or [])
             method_kwargs["num_classes"] = max(classes, int(self.targets.max()) + 1)
         self.method = method_cls(model, **method_kwargs).to(self.device)
-        self.optimizer = build_optimizer(cfg, [p for p in self.method.parameters() if p.requires_grad])
+        self.optimizer = build_optimizer(cfg, self.method.param_groups())
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.steps_per_epoch = len(self.data) // cfg.batch_size
         if self.steps_per_epoch == 0:
@@ -415,10 +420,9 @@ class Trainer:
         seg = max(i for i in range(len(starts) - 1) if starts[i] <= epoch)
         first, end = starts[seg] * self.steps_per_epoch, starts[seg + 1] * self.steps_per_epoch
         warmup = self.warmup_steps if seg == 0 else 0
-        lr = 0.0
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = lr = lr_at(self.step - first, end - first, warmup, base)
-        return lr
+            group["lr"] = lr_at(self.step - first, end - first, warmup, base)
+        return self.optimizer.param_groups[0]["lr"]  # the recipe's own rate (group 0 has no multiplier)
 
     def prepare_step(self):
         """The callable that runs one training step: the method itself, or its DDP wrapper under torchrun

@@ -86,6 +86,11 @@ class Method(nn.Module):
             )
         return ctx.labels(indices)
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: ``{"params": [...]}`` plus an optional ``"lr_mult"`` (a group's
+        rate is that multiple of the recipe's). Default: every trainable parameter in one group."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
     def on_train_start(self, ctx: StepContext) -> None:  # noqa: B027 - optional hook
         pass
 

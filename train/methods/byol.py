@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from train.methods.base import Method, StepContext, register_method
 from train.methods.moco import copy_weights_, frozen_copy, momentum_update
@@ -49,16 +50,44 @@ class BYOL(Method):
 
     def __init__(
         self, model: ZooModel, proj_hidden_dim: int = 4096, proj_dim: int = 256, pred_hidden_dim: int = 4096,
-        tau_base: float = 0.996, unmix: bool = False, unmix_alpha: float = 1.0,
+        tau_base: float = 0.996, unmix: bool = False, unmix_alpha: float = 1.0, predictor_lr_mult: float = 1.0,
+        proj_last_bn: bool = False, linear_predictor: bool = False,
     ):
         super().__init__(model)
+        if predictor_lr_mult <= 0:
+            raise ValueError(f"predictor_lr_mult must be > 0, got {predictor_lr_mult}")
+        # Not in BYOL itself: DirectPred (Tian, Chen & Ganguli, ICML 2021: a relatively larger learning rate for
+        # the predictor than for the encoder helps BYOL/SimSiam) and SimSiam (Chen & He, CVPR 2021: the
+        # predictor at a fixed, undecayed lr works better) let the predictor learn faster than the encoder.
+        self.predictor_lr_mult = float(predictor_lr_mult)
         self.unmix, self.unmix_alpha = unmix, unmix_alpha  # Un-Mix option (train/methods/unmix.py)
         # Projector and predictor: Linear-BN-ReLU-Linear (Grill et al. 2020, sec. 3.3).
-        self.projector = ProjectionHead(model.num_features, proj_hidden_dim, proj_dim, num_layers=2, batch_norm=True)
-        self.predictor = ProjectionHead(proj_dim, pred_hidden_dim, proj_dim, num_layers=2, batch_norm=True)
+        # ``proj_last_bn``: BN (no affine) on the projector's output too, as SimSiam's projector has (Chen & He,
+        # CVPR 2021, sec. 4: "BN applied to each fully-connected layer, including its output fc"). Not in BYOL.
+        # Why here: with heavy nuisance augmentation the target projection is mostly its batch mean, so the
+        # predictor learns to output that constant and the encoder gets no gradient; a centred target
+        # cannot be matched by a constant (docs/benchmarks.md, "Shape-aware clusters", the BYOL probes).
+        self.projector = ProjectionHead(model.num_features, proj_hidden_dim, proj_dim, num_layers=2, batch_norm=True,
+                                        last_bn=proj_last_bn)
+        # ``linear_predictor``: one bias-free linear map, the predictor that DirectPred analyses and trains (Tian,
+        # Chen & Ganguli, ICML 2021, sec. 3 and 6: a linear predictor trained by gradient works as well as the
+        # MLP). On centred projections (``proj_last_bn``) its output has batch mean 0 exactly: it cannot fall
+        # back to predicting a constant, which the MLP (ReLU hidden units have a positive mean) can.
+        self.predictor: nn.Module = (
+            nn.Linear(proj_dim, proj_dim, bias=False) if linear_predictor
+            else ProjectionHead(proj_dim, pred_hidden_dim, proj_dim, num_layers=2, batch_norm=True)
+        )
         self.target_model = frozen_copy(model)
         self.target_projector = frozen_copy(self.projector)
         self.tau_base = tau_base
+
+    def param_groups(self) -> list[dict]:
+        """Encoder + projector at the recipe's rate, the predictor at ``predictor_lr_mult`` x it."""
+        if self.predictor_lr_mult == 1.0:  # one group, as before the option: older checkpoints still resume
+            return super().param_groups()
+        pred = {id(p) for p in self.predictor.parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in pred]
+        return [{"params": rest}, {"params": list(self.predictor.parameters()), "lr_mult": self.predictor_lr_mult}]
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Online network: ``[B,3,H,W] -> [B,proj_dim]`` predictions."""
