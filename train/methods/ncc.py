@@ -34,9 +34,10 @@ issue is silent.
   NCC is exactly :class:`~train.methods.byol.BYOL`. Before ``warmup_epochs_cluster`` the step is BYOL's
   (no noise, no cluster term, no k-means), as the official code switches both off during its warm-up.
 
-Not reproduced from the official code: the predictor's 10x learning rate (the trainer has one parameter
-group), its N(0, 0.01) predictor init, shuffled BN in the target (use ``sync_bn`` under DDP), and the
-constant EMA momentum of its CIFAR-10 config (BYOL's cosine schedule from ``tau_base`` is used).
+Not reproduced from the official code: the predictor's 10x learning rate (BYOL's ``predictor_lr_mult``
+option has it; NCC keeps one learning rate), its N(0, 0.01) predictor init, shuffled BN in the target
+(use ``sync_bn`` under DDP), and the constant EMA momentum of its CIFAR-10 config (BYOL's cosine
+schedule from ``tau_base`` is used).
 
 DDP: the E-step embeds one shard per rank and clusters on the gathered sample (as PCL and IFND); the
 ``[N]`` pseudo-labels are gathered on every rank. The prototypes are means over the *global* batch:
