@@ -107,7 +107,7 @@ def test_a_tracer_provider_configured_while_serving_is_used_after_the_recheck(mo
         provider = mock.MagicMock()
         app._telemetry["tracer_provider"] = provider
         clock = [time.monotonic()]
-        monkeypatch.setattr("serve.server.time.monotonic", lambda: clock[0])
+        monkeypatch.setattr("serve.guard.time.monotonic", lambda: clock[0])
         client.get("/ping")
         assert not provider.get_tracer.called  # within the recheck interval: the cached answer
         clock[0] += app.TELEMETRY_RECHECK_S + 0.01
