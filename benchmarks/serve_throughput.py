@@ -18,7 +18,8 @@ flight each, replaying one serialised single-image request (HTTP/1.1 v2 binary t
 client each. The same client drives both servers. A Python client spends about as much CPU per
 request as the server, on the same cores; h2load about 40 us. Each point runs for ``--duration``
 seconds after ``--warmup`` (longer for slow models:
-at least ``--rounds`` rounds of ``c`` requests at the baseline rate). For each concurrency the four
+at least ``--rounds`` rounds of ``c`` requests and ``--min-requests`` requests at the baseline rate; a
+model-bound server answers in whole merged batches, so a short window's count is off by up to a batch). For each concurrency the four
 server/protocol pairs run for half that time each in order, then again in reverse order (ABBA), then
 the in-process baseline again, so every point is bracketed by two baseline runs and its ratio uses
 their mean (a shared machine's load drifts).
@@ -505,9 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
     p.add_argument("--baseline-batch", type=int, default=32)
     p.add_argument("--baseline-seconds", type=float, default=3.0, help="per baseline run (at least 3 batches)")
-    p.add_argument("--rounds", type=float, default=4.0,
+    # A model-bound server completes requests in whole merged batches (ResNet-50 at c=32: ~16 images every
+    # ~0.7 s), so a window counts +-1 batch: 40 rounds make that +-1-2 % (4 rounds gave +-10-25 %, session 6).
+    p.add_argument("--rounds", type=float, default=40.0,
                    help="measure at least this many rounds of c requests at the baseline rate")
-    p.add_argument("--min-requests", type=float, default=60.0,
+    p.add_argument("--min-requests", type=float, default=200.0,
                    help="measure long enough for this many requests at the baseline rate (slow models, c=1)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, all sides (0: all)")
     p.add_argument("--max-batch-size", type=int, default=32)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.methods.byol import BYOL, byol_loss, ema_momentum
+from train.methods.byol import BYOL, byol_loss, direct_pred_weight, ema_momentum
 from train.methods.moco import MoCo, moco_infonce_loss
 from train.trainer import Trainer
 from zoo.model import ZooModel
@@ -286,3 +286,45 @@ def test_byol_linear_predictor_on_centred_projections_has_zero_batch_mean():
     p = byol.predict(x)
     torch.testing.assert_close(p, z @ byol.predictor.weight.T)  # p = W z, nothing else
     torch.testing.assert_close(p.mean(0), torch.zeros(p.shape[1]), atol=1e-5, rtol=0)
+
+
+def test_direct_pred_weight_matches_the_eigen_formula_worked_in_numpy():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((40, 6))
+    corr = a.T @ a / 40
+    s, u = np.linalg.eigh(corr)
+    expected = u @ np.diag(np.sqrt(s / s.max()) + 0.1) @ u.T  # Tian et al. 2021, eq. 18-19
+    w = direct_pred_weight(torch.tensor(corr), eps=0.1)
+    np.testing.assert_allclose(w.numpy(), expected, atol=1e-12)
+    # A rank-1 correlation (float64: the square root lifts float32's ~1e-8 rounding of the zero eigenvalue to
+    # ~1e-4): with eps 0, W is the projector onto that direction; eps adds eps * I.
+    v = torch.tensor([[3.0, 4.0]], dtype=torch.float64) / 5
+    torch.testing.assert_close(direct_pred_weight(v.T @ v, eps=0.0), v.T @ v)
+    torch.testing.assert_close(direct_pred_weight(v.T @ v, eps=0.5), v.T @ v + 0.5 * torch.eye(2, dtype=torch.float64))
+
+
+def test_byol_direct_pred_sets_the_predictor_from_the_moving_correlation(tmp_path):
+    kw = {**BYOL_KW, "proj_last_bn": True, "direct_pred": True, "direct_pred_rho": 0.3, "direct_pred_eps": 0.01}
+    trainer = Trainer(tiny_cfg(method="byol", method_kwargs=kw, max_steps=2), tmp_path, progress=False)
+    byol: BYOL = trainer.method
+    assert not any(p.requires_grad for p in byol.predictor.parameters())  # set, never trained
+    optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not optimized & {id(p) for p in byol.predictor.parameters()}
+    seen = []
+    original = byol.set_direct_predictor
+    byol.set_direct_predictor = lambda f: (seen.append(f.clone()), original(f))[1]
+    trainer.fit()
+    assert len(seen) == 2 and seen[0].shape == (2 * trainer.cfg.batch_size, BYOL_KW["proj_dim"])
+    c1, c2 = (f.T @ f / f.shape[0] for f in seen)
+    torch.testing.assert_close(byol.pred_corr, 0.3 * c1 + 0.7 * c2)  # the first call sets F, the second averages
+    torch.testing.assert_close(byol.predictor.weight, direct_pred_weight(0.3 * c1 + 0.7 * c2, 0.01))
+    assert int(byol.pred_corr_steps) == 2
+
+
+def test_byol_direct_pred_lowers_loss_and_resumes_bit_exact(tmp_path):
+    kw = {**BYOL_KW, "proj_last_bn": True, "direct_pred": True}
+    check_resume_bit_exact(tmp_path / "resume", total=4, cut=2, batch_size=32, method="byol", method_kwargs=kw)
+    with pytest.raises(ValueError, match="direct_pred_rho"):
+        BYOL(tiny_model(), **BYOL_KW, direct_pred=True, direct_pred_rho=1.0)
