@@ -17,9 +17,9 @@ flight each, replaying one serialised single-image request (HTTP/1.1 v2 binary t
 ``--client python``: ``c`` threads in this process, one ``tritonclient.http`` / ``tritonclient.grpc``
 client each. The same client drives both servers. A Python client spends about as much CPU per
 request as the server, on the same cores; h2load about 40 us. Each point runs for ``--duration``
-seconds after ``--warmup`` (longer for slow models:
-at least ``--rounds`` rounds of ``c`` requests and ``--min-requests`` requests at the baseline rate; a
-model-bound server answers in whole merged batches, so a short window's count is off by up to a batch). For each concurrency the four
+seconds after ``--warmup`` (longer for slow models: at least ``--rounds`` rounds of ``c`` requests
+and ``--min-requests`` requests at the baseline rate; a model-bound server answers in whole merged
+batches, so a short window's count is off by up to a batch). For each concurrency the four
 server/protocol pairs run for half that time each in order, then again in reverse order (ABBA), then
 the in-process baseline again, so every point is bracketed by two baseline runs and its ratio uses
 their mean (a shared machine's load drifts).

@@ -125,9 +125,13 @@ class BYOL(Method):
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in pred]
         return [{"params": rest}, {"params": list(self.predictor.parameters()), "lr_mult": self.predictor_lr_mult}]
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Online encoder + projector: ``[B,3,H,W] -> [B,proj_dim]`` projections (the predictor's input)."""
+        return self.projector(self.model.forward_features(x))
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Online network: ``[B,3,H,W] -> [B,proj_dim]`` predictions."""
-        return self.predictor(self.projector(self.model.forward_features(x)))
+        return self.predictor(self.project(x))
 
     @torch.no_grad()
     def set_direct_predictor(self, f: torch.Tensor) -> None:
@@ -147,7 +151,7 @@ class BYOL(Method):
     def training_step(self, images: torch.Tensor, indices: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
         v1, v2 = ctx.augment.views(images, ctx.generator, 2)
         # Each view is its own forward pass (its own BN statistics), as in the official implementation.
-        f1, f2 = self.projector(self.model.forward_features(v1)), self.projector(self.model.forward_features(v2))
+        f1, f2 = self.project(v1), self.project(v2)
         if self.direct_pred:
             self.set_direct_predictor(torch.cat([f1, f2]).detach())
         p1, p2 = self.predictor(f1), self.predictor(f2)

@@ -206,8 +206,8 @@ class NCC(BYOL):
 
     def training_step(self, images: torch.Tensor, indices: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
         v1, v2 = ctx.augment.views(images, ctx.generator, 2)
-        h1 = self.projector(self.model.forward_features(v1))  # [B,d] online projections
-        h2 = self.projector(self.model.forward_features(v2))
+        h1 = self.project(v1)  # [B,d] online projections
+        h2 = self.project(v2)
         z1, z2 = self.target(v1), self.target(v2)
         clustering = self.active(ctx.epoch) and int(self.clustered_epoch) >= 0
         if clustering:
